@@ -1,0 +1,5 @@
+"""Allow ``python -m mriseg``."""
+
+from mriseg.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Data layer: readers for every layout, synthetic data, preprocessing and the .npy cache."""

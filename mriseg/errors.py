@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad path, a broken file, a wrong option) raises a
+:class:`MrisegError`. The CLI prints its message as one line and exits with
+code 2; ``--debug`` shows the traceback instead. Messages name the file and
+say what is wrong with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MrisegError(Exception):
+    """A problem the user can fix; the message is shown as is."""
+
+    exit_code = 2
+
+
+class BadInputError(MrisegError):
+    """A specific input file or folder is unusable."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
