@@ -68,6 +68,63 @@ def print_json(payload: Any) -> None:
 
 # --- benchmark ---------------------------------------------------------------
 
+from pathlib import Path  # noqa: E402  (imported in this section so the command sections merge cleanly)
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise MrisegError(f"{option} takes comma-separated whole numbers, got {text!r}") from None
+
+
+@app.command()
+def benchmark(
+    model: str = typer.Option("unet", "--model", help="Registry name of a model with pipeline stages."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="CUDA devices, e.g. 0,1 (0 alone: single only; 0,0: "
+                                       "pipeline machinery on one GPU)."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Torch devices, e.g. cpu,cpu: one 1-thread "
+                                          "process per device stands in for two GPUs."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples per training step."),
+    input_size: str = typer.Option("128,128", "--input-size", help="H,W (2D) or H,W,D (3D)."),
+    in_channels: Optional[int] = typer.Option(None, "--in-channels", help="Input channels [default: 3 for 2D, 4 for 3D]."),
+    out_channels: int = typer.Option(1, "--out-channels", help="Output channels."),
+    micro_batches: str = typer.Option("2,4,8", "--micro-batches", help="Micro-batch counts for the pipeline."),
+    split: str = typer.Option("encoder-decoder,balanced", "--split", help="Where to cut: encoder-decoder, balanced."),
+    schedule: str = typer.Option("gpipe,1f1b", "--schedule", help="Pipeline schedules: gpipe, 1f1b."),
+    steps: int = typer.Option(5, "--steps", help="Timed steps per configuration (median, p10, p90)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed steps before them."),
+    amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    timeline: Optional[Path] = typer.Option(None, "--timeline", help="Draw one step of each split (PNG)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --timeline file."),
+) -> None:
+    """Time one device against a naive split, a pipeline and data parallelism across two."""
+    from mriseg.benchmark import BenchmarkConfig, parse_devices, report_tables, run_benchmark
+    from mriseg.viz import draw_benchmark_timeline
+
+    if timeline is not None and timeline.exists() and not overwrite:
+        raise MrisegError(f"{timeline}: already exists; pass --overwrite to replace it")
+    config = BenchmarkConfig(
+        model=model, devices=parse_devices(gpus, devices), batch_size=batch_size,
+        input_size=_int_list(input_size, "--input-size"), in_channels=in_channels, out_channels=out_channels,
+        micro_batches=_int_list(micro_batches, "--micro-batches"),
+        splits=tuple(item.strip() for item in split.split(",")),
+        schedules=tuple(item.strip().lower() for item in schedule.split(",")),
+        steps=steps, warmup=warmup, amp=amp)
+    report = run_benchmark(config)
+    if timeline is not None:
+        draw_benchmark_timeline(report, timeline)
+    if as_json:
+        print_json(report)
+        return
+    from rich.console import Console
+
+    stdout = Console(highlight=False)
+    for renderable in report_tables(report):
+        stdout.print(renderable)
+
+
 # --- demo --------------------------------------------------------------------
 
 
