@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -65,6 +66,33 @@ def print_json(payload: Any) -> None:
 # --- predict -----------------------------------------------------------------
 
 # --- evaluate ----------------------------------------------------------------
+
+@app.command("evaluate")
+def evaluate_command(
+    pred: Path = typer.Argument(..., help="Predicted masks: a file, or a folder of <case_id>.nii.gz, "
+                                          "TIF/PNG masks or case folders."),
+    truth: Path = typer.Argument(..., metavar="GT", help="True masks, or a labelled dataset folder."),
+    out: Path = typer.Option(Path("evaluation"), "--out", "-o",
+                             help="Folder for metrics.csv, summary.json and dsc.png."),
+    regions: str = typer.Option("auto", "--regions",
+                                help="auto | binary | labels | brats | msd | NAME=1,2;NAME=4 "
+                                     "(auto: BraTS/MSD regions for those datasets, else binary)."),
+    empty: str = typer.Option("score", "--empty",
+                              help="Empty-mask policy. score: both empty -> Dice 1, distances 0; one empty -> "
+                                   "Dice 0, distances undefined. ignore: also leave out cases whose truth is empty."),
+    strict: bool = typer.Option(False, "--strict", help="Case ids present on one side only are an error."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Per-volume Dice, IoU, HD95, ASSD, sensitivity, precision and volumes, with a Dice bar plot."""
+    from mriseg.evaluate import evaluate, results_table
+
+    result = evaluate(pred, truth, out, regions=regions, empty=empty, strict=strict, overwrite=overwrite)
+    console.print(results_table(result))
+    console.print(f"wrote {out / 'metrics.csv'}, {out / 'summary.json'}, {out / 'dsc.png'}", markup=False)
+    if as_json:
+        print_json(result.summary)
+
 
 # --- benchmark ---------------------------------------------------------------
 
