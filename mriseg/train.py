@@ -576,6 +576,12 @@ def point_latest_at(run_dir: Path) -> None:
         log.warn(f"could not point {link} at {run_dir.name}: {error}")
 
 
+def write_json_atomic(path: Path, payload: Any) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(temporary, path)
+
+
 def library_versions() -> dict[str, str]:
     return {"mriseg": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "cuda": torch.version.cuda or "none"}
@@ -710,13 +716,21 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if data is not None and not Path(data).exists():
+        raise BadInputError(data, "no such cache or dataset")
     run = RunFolder(run_dir, is_writer)
+    created = not run_dir.exists()
     try:
         if is_writer:
             prepare_run_dir(run_dir, overwrite, resume)
         if distributed:
             dist.barrier()
         return _train(data, run, options, checkpoint, device, rank, world_size, resume)
+    except MrisegError:
+        run.close()
+        if is_writer and created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+        raise
     finally:
         run.close()
         if distributed and dist.is_initialized():
@@ -829,7 +843,7 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
                       "train_cases": train_ids, "val_cases": val_ids, "device": str(device), "world_size": world_size,
                       "amp_dtype": str(amp_dtype) if amp_dtype else None, "workers": workers,
                       "versions": library_versions(), "started": datetime.datetime.now().isoformat(timespec="seconds")}
-            (run_dir / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+            write_json_atomic(run_dir / "config.json", config)
             point_latest_at(run_dir)
         run.say(description)
         run.say(f"run folder: {run_dir}" + (f" (resuming at epoch {start_epoch + 1}, step {global_step})" if resume else ""))
@@ -968,6 +982,6 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
                "last": summary}
     if is_writer:
         run.plot(force=True)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_json_atomic(run_dir / "summary.json", summary)
         run.say(f"done: best mean per-volume val Dice {best_score:.4f} at epoch {best_epoch}; {run_dir / 'best.pt'}")
     return summary

@@ -115,13 +115,20 @@ def test_resume_after_interruption_gives_the_same_weights(lgg_cache, tmp_path):
 def test_ddp_two_processes_on_cpu_only_rank_zero_writes(lgg_cache, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mriseg", "train", str(lgg_cache), "--out", str(work / "run"), "--epochs", "1",
-         "--steps-per-epoch", "3", "--model-options", "features=4", "--batch-size", "2", "--device", "cpu",
-         "--json"],
-        capture_output=True, text=True, cwd=work, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mriseg", "train", str(lgg_cache), "--out", str(work / "run"), "--epochs", "1",
+               "--steps-per-epoch", "3", "--model-options", "features=4", "--batch-size", "2", "--device", "cpu",
+               "--json"]
+    # a session of its own, so a hang can be ended with every worker torchrun started
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=work,
+                               start_new_session=True,
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["world_size"] == 2 and summary["steps"] == 3
