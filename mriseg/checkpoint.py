@@ -1,0 +1,115 @@
+"""Writing and reading training checkpoints (the train -> predict contract).
+
+A checkpoint is a ``torch.save`` dict made only of tensors and plain Python types,
+so it loads with ``torch.load(weights_only=True)``: opening a checkpoint from
+somewhere else can never execute code. Its keys (see docs/architecture.md):
+
+``format`` ("mriseg-checkpoint"), ``format_version``, ``mriseg_version``,
+``model`` ({name, in_channels, out_channels, spatial_dims, options}),
+``state_dict``, ``preprocess``, ``modalities``, ``task``, ``epoch``, ``best_score``;
+``last.pt`` adds ``optimizer``, ``scheduler``, ``scaler`` and ``rng`` for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mriseg import __version__
+from mriseg.errors import BadInputError
+
+CHECKPOINT_FORMAT = "mriseg-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model", "state_dict", "task")
+REQUIRED_MODEL_KEYS = ("name", "in_channels", "out_channels", "spatial_dims")
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically, adding the format header.
+
+    The file is written under a temporary name in the same folder and then
+    renamed, so a reader (or a crash mid-write) never sees a half-written checkpoint.
+    """
+    path = Path(path)
+    document = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+                "mriseg_version": __version__, **payload}
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(document, temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch reports a missing folder as RuntimeError
+        temporary.unlink(missing_ok=True)
+        raise BadInputError(path, f"cannot write checkpoint: {_first_line(error)}") from error
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and validate a checkpoint written by :func:`save_checkpoint`.
+
+    Raises :class:`BadInputError` for a missing, truncated or corrupt file, a file
+    from another tool, an incompatible format version, or a pickle that would need
+    to execute code to load (``weights_only=True`` refuses it). The returned dict
+    also holds ``path``, the file it came from, for later error messages.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(path, "checkpoint not found" if not path.exists() else "not a file")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning is noise next to our error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            document = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise BadInputError(path, "refused to load: the file holds Python objects that would "
+                                  f"execute code (only tensors and plain types are allowed): "
+                                  f"{_first_line(error)}") from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as error:
+        raise BadInputError(path, f"not a readable checkpoint (truncated or corrupt?): "
+                                  f"{_first_line(error)}") from error
+    if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
+        raise BadInputError(path, f"not an mriseg checkpoint (no format: \"{CHECKPOINT_FORMAT}\"); "
+                                  "was it written by another tool?")
+    version = document.get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise BadInputError(path, f"checkpoint format_version {version!r} is not supported by mriseg "
+                                  f"{__version__} (expects {CHECKPOINT_FORMAT_VERSION})")
+    missing = [key for key in REQUIRED_KEYS if key not in document]
+    model_info = document.get("model")
+    if isinstance(model_info, dict):
+        missing += [f"model.{key}" for key in REQUIRED_MODEL_KEYS if key not in model_info]
+    elif "model" not in missing:
+        missing.append("model")
+    if missing:
+        raise BadInputError(path, f"checkpoint is missing {', '.join(missing)}")
+    document["path"] = str(path)
+    return document
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+    """Rebuild the network described by a loaded checkpoint and load its weights (in eval mode)."""
+    from mriseg.models import build_model
+
+    source = checkpoint.get("path", "checkpoint")
+    model_info = checkpoint["model"]
+    try:
+        model = build_model(model_info["name"], model_info["in_channels"], model_info["out_channels"],
+                            spatial_dims=model_info["spatial_dims"], **(model_info.get("options") or {}))
+    except (KeyError, TypeError, ValueError) as error:
+        raise BadInputError(source, f"cannot rebuild model {model_info['name']!r}: {_first_line(error)}") from error
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise BadInputError(source, f"weights do not fit model {model_info['name']!r}: "
+                                    f"{_first_line(error)}") from error
+    return model.eval()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,83 @@
+"""Augmentation: exact flips, label values preserved, reproducible, 2D and 3D."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mriseg.augment import NO_AUGMENTATION, AugmentConfig, augment_batch, parse_augment
+from mriseg.errors import MrisegError
+
+
+def batch(spatial=(16, 20), count=6):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(count, 2, *spatial, generator=generator)
+    labels = torch.randint(0, 3, (count, *spatial), generator=generator)
+    labels[:, 0] = 255  # an ignore value must survive resampling too
+    return images, labels
+
+
+def test_flip_only_is_an_exact_mirror_or_identity():
+    images, labels = batch()
+    config = AugmentConfig(flip=True, rotate_degrees=0, scale=0, intensity_shift=0, intensity_scale=0)
+    out_images, out_labels, _ = augment_batch(images, labels, config, torch.Generator().manual_seed(1))
+    flipped = 0
+    for index in range(len(images)):
+        if torch.equal(out_labels[index], labels[index].flip(-1)):
+            torch.testing.assert_close(out_images[index], images[index].flip(-1))
+            flipped += 1
+        else:
+            assert torch.equal(out_labels[index], labels[index])
+            torch.testing.assert_close(out_images[index], images[index])
+    assert 0 < flipped < len(images)
+
+
+@pytest.mark.parametrize("spatial", [(16, 20), (8, 12, 10)])
+def test_labels_keep_their_values_and_shapes(spatial):
+    images, labels = batch(spatial)
+    weights = torch.rand(labels.shape)
+    config = AugmentConfig(elastic=3.0, elastic_spacing=4)
+    out_images, out_labels, out_weights = augment_batch(images, labels, config, torch.Generator().manual_seed(2),
+                                                        weights=weights)
+    assert out_images.shape == images.shape and out_images.dtype == images.dtype
+    assert out_labels.shape == labels.shape and out_labels.dtype == labels.dtype
+    assert out_weights.shape == weights.shape
+    assert set(out_labels.unique().tolist()) <= {0, 1, 2, 255}
+    assert not torch.equal(out_labels, labels)
+
+
+def test_same_seed_same_transform():
+    images, labels = batch()
+    first = augment_batch(images, labels, AugmentConfig(), torch.Generator().manual_seed(3))
+    second = augment_batch(images, labels, AugmentConfig(), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(first[0], second[0])
+    assert torch.equal(first[1], second[1])
+
+
+def test_rotation_of_a_centred_disc_keeps_its_area():
+    size = 33
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = (((yy - 16) ** 2 + (xx - 16) ** 2) <= 64).long().unsqueeze(0)
+    config = AugmentConfig(flip=False, rotate_degrees=15, scale=0, intensity_shift=0, intensity_scale=0)
+    _, rotated, _ = augment_batch(disc.unsqueeze(1).float(), disc, config, torch.Generator().manual_seed(4))
+    assert abs(rotated.sum().item() - disc.sum().item()) <= 8
+
+
+def test_intensity_changes_only_the_image():
+    images, labels = batch()
+    config = AugmentConfig(flip=False, rotate_degrees=0, scale=0)
+    out_images, out_labels, _ = augment_batch(images, labels, config, torch.Generator().manual_seed(5))
+    assert torch.equal(out_labels, labels)
+    assert not torch.allclose(out_images, images)
+
+
+def test_parse_augment():
+    assert parse_augment("default") == AugmentConfig()
+    assert parse_augment("none") == NO_AUGMENTATION
+    parsed = parse_augment("flip,rotate=10,elastic")
+    assert parsed.flip and parsed.rotate_degrees == 10 and parsed.elastic == 4.0
+    assert parsed.scale == 0 and parsed.intensity_shift == 0
+    with pytest.raises(MrisegError, match="unknown transform"):
+        parse_augment("mixup")
+    with pytest.raises(MrisegError, match="not a number"):
+        parse_augment("rotate=lots")
