@@ -120,6 +120,31 @@ def preprocess(
 
 # --- models ------------------------------------------------------------------
 
+
+@app.command("models")
+def models_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
+) -> None:
+    """List the networks: name, dims, parameters at the default width, reference, notes."""
+    from mriseg.models import describe_models
+
+    entries = describe_models()
+    if as_json:
+        print_json(entries)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="mriseg models (parameters at the default width)")
+    for column in ("name", "dims", "parameters", "for (in, out)", "options", "reference", "notes"):
+        table.add_column(column, justify="right" if column == "parameters" else "left", overflow="fold")
+    for entry in entries:
+        shape = entry["parameters_for"]
+        table.add_row(entry["name"], ", ".join(f"{d}D" for d in entry["dims"]), f"{entry['parameters']:,}",
+                      f"{shape['in_channels']}, {shape['out_channels']} ({shape['spatial_dims']}D)",
+                      ", ".join(entry["options"]) or "-", entry["reference"], entry["notes"])
+    Console().print(table)
+
 # --- train -------------------------------------------------------------------
 
 # --- predict -----------------------------------------------------------------
