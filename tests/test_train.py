@@ -27,6 +27,18 @@ from mriseg.errors import BadInputError, MrisegError
 from mriseg.train import train
 
 TINY = {"model_options": {"features": 4}, "batch_size": 4, "log_every": 1, "seed": 0}
+# One OpenMP thread: on a loaded two-core machine two threads spin-wait for each other and run
+# these tiny networks several times slower; one thread also makes in-process and subprocess runs
+# (OMP_NUM_THREADS=1) compute identically.
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +59,7 @@ def brats_cache(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mriseg", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, **kwargs)
+                          env=ENV, **kwargs)
 
 
 def epochs_of(run_dir: Path) -> list[dict]:
@@ -83,7 +95,7 @@ def test_resume_after_interruption_gives_the_same_weights(lgg_cache, tmp_path):
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen([sys.executable, "-m", "mriseg", "train", str(lgg_cache), "--out", str(interrupted),
                                 *settings], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                               env=ENV)
     metrics = interrupted / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -122,7 +134,7 @@ def test_ddp_two_processes_on_cpu_only_rank_zero_writes(lgg_cache, tmp_path):
     # a session of its own, so a hang can be ended with every worker torchrun started
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=work,
                                start_new_session=True,
-                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                               env=ENV)
     try:
         stdout, stderr = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
