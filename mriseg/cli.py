@@ -120,6 +120,31 @@ def preprocess(
 
 # --- models ------------------------------------------------------------------
 
+
+@app.command("models")
+def models_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
+) -> None:
+    """List the networks: name, dims, parameters at the default width, reference, notes."""
+    from mriseg.models import describe_models
+
+    entries = describe_models()
+    if as_json:
+        print_json(entries)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="mriseg models (parameters at the default width)")
+    for column in ("name", "dims", "parameters", "for (in, out)", "options", "reference", "notes"):
+        table.add_column(column, justify="right" if column == "parameters" else "left", overflow="fold")
+    for entry in entries:
+        shape = entry["parameters_for"]
+        table.add_row(entry["name"], ", ".join(f"{d}D" for d in entry["dims"]), f"{entry['parameters']:,}",
+                      f"{shape['in_channels']}, {shape['out_channels']} ({shape['spatial_dims']}D)",
+                      ", ".join(entry["options"]) or "-", entry["reference"], entry["notes"])
+    Console().print(table)
+
 # --- train -------------------------------------------------------------------
 
 # --- predict -----------------------------------------------------------------
@@ -140,13 +165,17 @@ def evaluate_command(
                               help="Empty-mask policy. score: both empty -> Dice 1, distances 0; one empty -> "
                                    "Dice 0, distances undefined. ignore: also leave out cases whose truth is empty."),
     strict: bool = typer.Option(False, "--strict", help="Case ids present on one side only are an error."),
+    modalities: Optional[str] = typer.Option(None, "--modalities",
+                                             help="BraTS file-name map of the GT dataset, e.g. "
+                                                  "flair=Flair_x,t1ce=T1c_x,seg=OTMultiClass."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Per-volume Dice, IoU, HD95, ASSD, sensitivity, precision and volumes, with a Dice bar plot."""
     from mriseg.evaluate import evaluate, results_table
 
-    result = evaluate(pred, truth, out, regions=regions, empty=empty, strict=strict, overwrite=overwrite)
+    result = evaluate(pred, truth, out, regions=regions, empty=empty, strict=strict, overwrite=overwrite,
+                      modalities=modalities)
     console.print(results_table(result))
     console.print(f"wrote {out / 'metrics.csv'}, {out / 'summary.json'}, {out / 'dsc.png'}", markup=False)
     if as_json:
