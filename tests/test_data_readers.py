@@ -96,6 +96,17 @@ def test_single_inputs_for_predict(datasets):
     assert png.image.shape == (1, 20, 24) and png.label is None
 
 
+def test_lgg_patient_folder_without_masks_reads_as_unlabelled(datasets, tmp_path):
+    patient = tmp_path / "TCGA_SY_0001_19990101"
+    patient.mkdir()
+    for file in (datasets["lgg"] / patient.name).glob("*.tif"):
+        if not file.name.endswith("_mask.tif"):
+            (patient / file.name).write_bytes(file.read_bytes())
+    assert detect_layout(patient) == "lgg"
+    case = read_case(patient)
+    assert case.image.shape == (3, 12, 32, 32) and case.label is None
+
+
 def test_a_folder_of_several_cases_is_not_one_input(datasets):
     with pytest.raises(BadInputError, match="holds 3 cases"):
         read_case(datasets["lgg"])
