@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import BRATS_2013_MAP, make_brats, make_brats2023, make_lgg, make_msd, make_pairs
+from mriseg.data.preprocess import background_values
 from mriseg.data.readers import detect_layout, label_scheme, list_cases, read_case
 from mriseg.errors import BadInputError
 
@@ -145,3 +146,5 @@ def test_real_lgg_slices(shared_data):
     assert case.header["slice_names"] == [f"TCGA_CS_4942_19970222_{n}.tif" for n in (10, 11, 12)]
     assert set(np.unique(case.label)) == {0, 1}
     assert case.label.sum(axis=(1, 2)).tolist() == [1257, 1539, 1383]  # PROVENANCE.md's 255-valued counts
+    # Its FLAIR plane has 1 in every corner but 0 elsewhere outside the head: no constant background.
+    assert background_values(case.image).tolist() == [0.0, 0.0, 0.0]
