@@ -253,8 +253,6 @@ def plot_training_curves(records: list[dict], path: str | Path) -> Path:
 
 # --- benchmark timeline (benchmark) ------------------------------------------
 
-import os  # noqa: E402  (kept in this section so the sections merge cleanly)
-from pathlib import Path  # noqa: E402
 
 
 def draw_benchmark_timeline(report: dict, path: str | os.PathLike) -> Path:
