@@ -9,8 +9,9 @@ Layouts (see ``docs/data-formats.md``):
   ``--modalities`` name map such as ``flair=Flair_subtrMeanDivStd,seg=OTMultiClass``.
 * ``msd``: Medical Segmentation Decathlon / nnU-Net raw: ``imagesTr/`` + ``labelsTr/``,
   4D NIfTI or ``_0000``-suffixed channel files, ``dataset.json`` for channel and label names.
-* ``pairs``: image/mask files (PNG, TIF, NIfTI) matched by name: ``images/`` + ``masks/``
-  (or ``labels/``) folders with equal stems, or ``<stem>`` + ``<stem>_mask`` in one folder.
+* ``pairs``: image/mask files (PNG, TIF, NIfTI) matched by name: sibling folders such as
+  ``images/`` + ``masks/``, ``train_imgs/`` + ``train_mask/`` or ``train_images/`` + ``train_labels/``
+  with equal stems, or ``<stem>`` + ``<stem>_mask`` in one folder.
 
 Listing (:func:`list_cases`) only looks at file names; :func:`read_case` reads pixels.
 Every failure while reading a file becomes a :class:`~mriseg.errors.BadInputError`
@@ -151,11 +152,41 @@ def parse_modalities(spec: str | dict[str, str] | None) -> dict[str, str] | None
 
 
 def _lgg_patient_files(folder: Path) -> bool:
-    return any(LGG_MASK.match(p.name) for p in _visible_files(folder))
+    """A kaggle_3m patient folder: slice masks, or (without masks, for predict) slices named after the folder."""
+    for file in _visible_files(folder):
+        match = LGG_MASK.match(file.name) or LGG_SLICE.match(file.name)
+        if match and (file.name.endswith("_mask.tif") or match["patient"] == folder.name):
+            return True
+    return False
 
 
 def _nifti_files(folder: Path) -> list[Path]:
     return [p for p in _visible_files(folder) if _is_nifti(p)]
+
+
+IMAGE_FOLDER_WORDS = re.compile(r"images|imgs|image|img")
+MASK_FOLDER_WORDS = re.compile(r"masks|mask|labels|label|segmentations|segs|seg")
+
+
+def _folder_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """Sibling image and mask folders whose names differ only in those words.
+
+    ``images`` + ``masks``, ``train_imgs`` + ``train_mask`` (the seeds' shapes data),
+    ``train_images`` + ``train_labels`` (CamVid), ...; MSD's ``imagesTr`` is left to the msd layout.
+    """
+    folders = [d for d in _visible_dirs(root) if d.name not in ("imagesTr", "imagesTs", "labelsTr")]
+    masks = {}
+    for folder in folders:
+        if MASK_FOLDER_WORDS.search(folder.name.lower()):
+            masks.setdefault(MASK_FOLDER_WORDS.sub("*", folder.name.lower()), folder)
+    pairs = []
+    for folder in folders:
+        name = folder.name.lower()
+        if IMAGE_FOLDER_WORDS.search(name) and not MASK_FOLDER_WORDS.search(name):
+            key = IMAGE_FOLDER_WORDS.sub("*", name)
+            if key in masks:
+                pairs.append((folder, masks[key]))
+    return pairs
 
 
 def _pair_candidates(folder: Path) -> bool:
@@ -178,7 +209,7 @@ def detect_layout(path: str | Path) -> str:
     names = {d.name for d in subdirs}
     if "imagesTr" in names:
         return "msd"
-    if {"images"} <= names and names & {"masks", "labels"}:
+    if _folder_pairs(path):
         return "pairs"
     if _lgg_patient_files(path) or any(_lgg_patient_files(d) for d in subdirs):
         return "lgg"
@@ -312,26 +343,33 @@ def _list_msd(root: Path) -> list[CaseRef]:
     return refs
 
 
-def _list_pairs(root: Path) -> list[CaseRef]:
+def _list_pair_folder(images: Path, masks: Path, id_prefix: str) -> list[CaseRef]:
+    by_stem = {}
+    for path in _visible_files(masks):
+        stem = _strip_suffix(path.name)[0]
+        by_stem[stem] = path
+        for suffix in MASK_SUFFIXES:  # images/a.png with masks/a_mask.png
+            if stem.endswith(suffix):
+                by_stem.setdefault(stem[: -len(suffix)], path)
     refs = []
-    names = {d.name for d in _visible_dirs(root)}
-    if "images" in names and names & {"masks", "labels"}:
-        mask_dir = root / ("masks" if "masks" in names else "labels")
-        masks = {}
-        for p in _visible_files(mask_dir):
-            stem = _strip_suffix(p.name)[0]
-            masks[stem] = p
-            for suffix in MASK_SUFFIXES:  # images/a.png with masks/a_mask.png
-                if stem.endswith(suffix):
-                    masks.setdefault(stem[: -len(suffix)], p)
-        for image in _visible_files(root / "images"):
-            stem = _strip_suffix(image.name)[0]
-            if _is_nifti(image) or _is_2d_image(image):
-                refs.append(CaseRef(case_id=stem, layout="pairs", image_paths=(image,),
-                                    label_paths=(masks[stem],) if stem in masks else ()))
-        return refs
+    for image in _visible_files(images):
+        stem = _strip_suffix(image.name)[0]
+        if _is_nifti(image) or _is_2d_image(image):
+            refs.append(CaseRef(case_id=id_prefix + stem, layout="pairs", image_paths=(image,),
+                                label_paths=(by_stem[stem],) if stem in by_stem else ()))
+    return refs
+
+
+def _list_pairs(root: Path) -> list[CaseRef]:
+    folder_pairs = _folder_pairs(root)
+    if folder_pairs:
+        # Several pairs (train_images + train_labels, val_images + val_labels): ids get the folder name.
+        several = len(folder_pairs) > 1
+        return [ref for images, masks in folder_pairs
+                for ref in _list_pair_folder(images, masks, f"{images.name}-" if several else "")]
     files = {_strip_suffix(p.name)[0]: p for p in _visible_files(root) if _is_nifti(p) or _is_2d_image(p)}
     mask_stems = {s for s in files if s.endswith(MASK_SUFFIXES) and s.rsplit("_", 1)[0] in files}
+    refs = []
     for stem, image in sorted(files.items()):
         if stem in mask_stems:
             continue
@@ -503,7 +541,8 @@ def _mask_2d(array: np.ndarray, path: Path) -> np.ndarray:
     """A 2D mask; RGB masks whose channels agree are reduced to one channel."""
     if array.ndim == 3:
         if not all(np.array_equal(array[..., 0], array[..., c]) for c in range(1, min(array.shape[-1], 3))):
-            raise BadInputError(path, "mask is a colour image with differing channels")
+            raise BadInputError(path, "mask is a colour-coded image (its channels differ); "
+                                  "convert it to one class index per pixel")
         array = array[..., 0]
     return _as_label(array, path)
 
