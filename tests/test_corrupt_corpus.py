@@ -1,14 +1,21 @@
 """Every bad input of the corpus, through the CLI: the documented exit code, one error line naming the
-file and the problem, no traceback, no output that looks valid, nothing outside the output folder touched."""
+file and the problem, no traceback, no output that looks valid, nothing outside the output folder touched.
+
+Rows run ``mriseg.cli.main`` in this process (the console script's code path, without paying the
+interpreter and import start-up 65 times); rows that need dropped privileges or the real stderr, and every row when
+``MRISEG_CORPUS_SUBPROCESS=1``, run ``python -m mriseg`` in a fresh interpreter.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from corrupt.corpus import CORPUS, BadInput, Scenario, Workspace, make_templates
-from corrupt.harness import assert_one_line_error, describe_changes, permissions_can_be_enforced, run_cli, snapshot
+from corrupt.harness import (assert_one_line_error, describe_changes, permissions_can_be_enforced, run_cli, run_main,
+                             snapshot)
 from mriseg.errors import BadInputError
 
 
@@ -44,7 +51,7 @@ def test_corpus_is_large_and_uniquely_named():
 
 
 @pytest.mark.parametrize("entry", CORPUS, ids=[entry.name for entry in CORPUS])
-def test_bad_input(entry: BadInput, templates, permission_support, tmp_path):
+def test_bad_input(entry: BadInput, templates, permission_support, tmp_path, monkeypatch, capsys):
     workspace = Workspace(tmp_path, templates)
     scenario: Scenario = entry.build(workspace)
     if scenario.obey_permissions and not permission_support[0]:
@@ -52,8 +59,12 @@ def test_bad_input(entry: BadInput, templates, permission_support, tmp_path):
     (tmp_path / "cwd").mkdir()
     (tmp_path / "home").mkdir()
     before = snapshot(tmp_path, exclude=(scenario.out,))
-    result = run_cli(scenario.args, cwd=tmp_path / "cwd", home=tmp_path / "home",
-                     obey_permissions=scenario.obey_permissions)
+    if scenario.obey_permissions or scenario.fresh_interpreter or os.environ.get("MRISEG_CORPUS_SUBPROCESS") == "1":
+        result = run_cli(scenario.args, cwd=tmp_path / "cwd", home=tmp_path / "home",
+                         obey_permissions=scenario.obey_permissions)
+    else:
+        result = run_main(scenario.args, cwd=tmp_path / "cwd", home=tmp_path / "home",
+                          monkeypatch=monkeypatch, capsys=capsys)
     after = snapshot(tmp_path, exclude=(scenario.out,))
     assert not describe_changes(before, after), describe_changes(before, after)
     if scenario.exit_code == 0:

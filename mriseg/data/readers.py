@@ -629,8 +629,8 @@ def _read_nifti_case(ref: CaseRef, channels_last_4d: bool) -> Case:
         if array.shape != image.shape[1:]:
             raise BadInputError(path, f"label shape {array.shape} differs from image shape {image.shape[1:]} "
                                       f"of {reference.name}")
-        _check_same_grid(path, label_affine, reference, affine)
         label = _as_label(array, path)
+        _check_same_grid(path, label_affine, reference, affine)
         if set(np.unique(label).tolist()) == {0, 255}:  # a binary mask saved as 0/255
             label = binary_mask_from_255(label, path)
         if ref.layout == "msd" and ref.label_names:

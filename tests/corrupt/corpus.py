@@ -42,6 +42,7 @@ class Scenario:
     fragments: tuple[str, ...] = ()
     exit_code: int = 2
     obey_permissions: bool = False
+    fresh_interpreter: bool = False   # the behaviour depends on the real stderr (e.g. its encoding)
     check: Callable[[Path], None] | None = None   # for accepted inputs: inspects ``out``
 
 
@@ -501,7 +502,9 @@ def non_utf8_bad_file(ws: Workspace) -> Scenario:
     os.rename(os.fsencode(folder), renamed)
     target = Path(os.fsdecode(renamed)) / lgg_slice(src, 1, 3).name
     target.write_bytes(b"\x00" * 10)
-    return reject(ws, src, target, "cannot read image")
+    scenario = reject(ws, src, target, "cannot read image")
+    scenario.fresh_interpreter = True  # the name reaches the real stderr, which escapes undecodable bytes
+    return scenario
 
 
 def pairs_zero_byte_png(ws: Workspace) -> Scenario:

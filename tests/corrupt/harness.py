@@ -12,6 +12,8 @@ import hashlib
 import os
 import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 # Linux capabilities that let root read and search files whatever their permission bits.
@@ -65,11 +67,42 @@ def run_cli(args: list[str], cwd: Path, home: Path, obey_permissions: bool = Fal
                           text=True, errors="backslashreplace", timeout=timeout, preexec_fn=preexec)
 
 
-def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+@dataclass
+class CliResult:
+    returncode: int
+    stderr: str
+    stdout: str = ""
+
+
+def run_main(args: list[str], cwd: Path, home: Path, monkeypatch, capsys) -> CliResult:
+    """``mriseg.cli.main`` in this process: the console script's code path without the start-up cost.
+
+    What escapes ``main`` other than ``SystemExit`` (a bug) comes back as exit code 1 with
+    its traceback, as a fresh interpreter would print it.
+    """
+    from mriseg.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("MRISEG_HOME", str(home / "mriseg"))
+    monkeypatch.delenv("MRISEG_MODEL", raising=False)
+    monkeypatch.setattr(sys, "argv", ["mriseg", *args])
+    capsys.readouterr()
+    code, escaped = 0, ""
+    try:
+        main()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:  # noqa: BLE001 - anything else is the bug the corpus looks for
+        code, escaped = 1, traceback.format_exc()
+    captured = capsys.readouterr()
+    return CliResult(code, captured.err + escaped, captured.out)
+
+
+def error_lines(result: subprocess.CompletedProcess | CliResult) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, fragments: tuple[str, ...],
+def assert_one_line_error(result: subprocess.CompletedProcess | CliResult, fragments: tuple[str, ...],
                           exit_code: int = 2) -> str:
     """Exit code, no traceback, exactly one ``error:`` line holding every fragment; returns the line."""
     assert "Traceback" not in result.stderr, result.stderr
