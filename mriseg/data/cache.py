@@ -215,7 +215,8 @@ def _unchanged(record: dict, ref: CaseRef, cases_dir: Path) -> bool:
     except BadInputError:
         return False
     folder = cases_dir / ref.case_id
-    files_present = (folder / "image.npy").is_file() and (not record.get("has_label") or (folder / "label.npy").is_file())
+    label_present = not record.get("has_label") or (folder / "label.npy").is_file()
+    files_present = (folder / "image.npy").is_file() and label_present
     return same_sources and files_present
 
 
