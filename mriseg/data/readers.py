@@ -607,8 +607,8 @@ def _read_nifti_case(ref: CaseRef, channels_last_4d: bool) -> Case:
         elif array.ndim == 3:
             parts = [array]
         else:
-            raise BadInputError(path, f"expected a 3D volume{' or 4D channels-last volume' if channels_last_4d else ''}, "
-                                      f"got shape {array.shape}")
+            allowed = "a 3D volume or a 4D channels-last volume" if channels_last_4d else "a 3D volume"
+            raise BadInputError(path, f"expected {allowed}, got shape {array.shape}")
         for part in parts:
             if channels and part.shape != channels[0].shape:
                 raise BadInputError(path, f"shape {part.shape} differs from {channels[0].shape} of {reference.name}")
