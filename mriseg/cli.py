@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -56,7 +57,66 @@ def print_json(payload: Any) -> None:
 
 # --- synth -------------------------------------------------------------------
 
+
+@app.command()
+def synth(
+    out: str = typer.Argument(..., help="Folder to write the synthetic cases into."),
+    layout: str = typer.Option("lgg", help="lgg (kaggle_3m TIF slices) | brats (BraTS 2021 NIfTI)."),
+    cases: int = typer.Option(16, min=1, help="Number of cases (patients)."),
+    seed: int = typer.Option(0, help="Random seed; case i depends only on (seed, i)."),
+    size: Optional[str] = typer.Option(None, help="lgg: SLICES,H,W or H,W (default 24,256,256); "
+                                                  "brats: X,Y,Z (default 128,128,80)."),
+    overwrite: bool = typer.Option(False, help="Replace synthetic cases that already exist in OUT."),
+    json_output: bool = typer.Option(False, "--json", help="Print the written case folders as JSON."),
+) -> None:
+    """Write synthetic brain MRI with tumours in the real on-disk formats (deterministic for a seed)."""
+    from mriseg.data.preprocess import parse_size
+    from mriseg.data.synthetic import write_synthetic
+    from mriseg.log import info
+
+    folders = write_synthetic(out, layout=layout, cases=cases, seed=seed, size=parse_size(size), overwrite=overwrite)
+    if json_output:
+        print_json({"out": out, "layout": layout, "cases": [str(f) for f in folders]})
+    else:
+        info(f"{out}: wrote {len(folders)} synthetic {layout} cases")
+
+
 # --- preprocess --------------------------------------------------------------
+
+
+@app.command()
+def preprocess(
+    source: str = typer.Argument(..., help="Dataset folder (lgg, brats, msd or pairs layout)."),
+    out: str = typer.Argument(..., help="Cache folder to create or update."),
+    layout: Optional[str] = typer.Option(None, help="lgg | brats | msd | pairs (detected when omitted)."),
+    modalities: Optional[str] = typer.Option(
+        None, help="BraTS file-name map, e.g. flair=Flair_subtrMeanDivStd,t1ce=T1c_subtrMeanDivStd,seg=OTMultiClass."),
+    size: Optional[str] = typer.Option(None, help="Resize to H,W (in-plane) or D,H,W (nearest neighbour)."),
+    crop: bool = typer.Option(False, "--crop/--no-crop", help="Crop to the non-background bounding box first."),
+    norm: str = typer.Option("zscore", help="Per-channel normalisation: zscore | minmax | max | percentile."),
+    label_map: Optional[str] = typer.Option(None, help="Replace label values, e.g. 3:1 (BraTS 2013 -> 2017+)."),
+    dtype: str = typer.Option("float16", help="Image storage type: float16 | float32."),
+    workers: int = typer.Option(1, min=1, help="Cases processed in parallel."),
+    force: bool = typer.Option(False, help="Rebuild a cache made with other parameters."),
+    skip_bad: bool = typer.Option(False, help="Go on past bad cases and list them at the end."),
+    allow_unlabelled: bool = typer.Option(False, help="Cache cases that have no label (images only)."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+) -> None:
+    """Turn a dataset into a fast .npy training cache (incremental: unchanged cases are skipped)."""
+    from mriseg.data.cache import build_cache
+    from mriseg.data.preprocess import PreprocessParams, parse_label_map, parse_size
+    from mriseg.log import info
+
+    params = PreprocessParams(size=parse_size(size), crop=crop, norm=norm, label_map=parse_label_map(label_map),
+                              dtype=dtype)
+    summary = build_cache(source, out, params, layout=layout, modalities=modalities, workers=workers,
+                          force=force, skip_bad=skip_bad, require_labels=not allow_unlabelled)
+    if json_output:
+        print_json(summary.to_dict())
+    else:
+        info(f"{out}: {summary.total - len(summary.bad)} cases ({len(summary.written)} written, "
+             f"{len(summary.skipped)} unchanged, {len(summary.bad)} bad)")
+
 
 # --- models ------------------------------------------------------------------
 
@@ -143,7 +203,91 @@ def _parse_patch_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 # --- evaluate ----------------------------------------------------------------
 
+@app.command("evaluate")
+def evaluate_command(
+    pred: Path = typer.Argument(..., help="Predicted masks: a file, or a folder of <case_id>.nii.gz, "
+                                          "TIF/PNG masks or case folders."),
+    truth: Path = typer.Argument(..., metavar="GT", help="True masks, or a labelled dataset folder."),
+    out: Path = typer.Option(Path("evaluation"), "--out", "-o",
+                             help="Folder for metrics.csv, summary.json and dsc.png."),
+    regions: str = typer.Option("auto", "--regions",
+                                help="auto | binary | labels | brats | msd | NAME=1,2;NAME=4 "
+                                     "(auto: BraTS/MSD regions for those datasets, else binary)."),
+    empty: str = typer.Option("score", "--empty",
+                              help="Empty-mask policy. score: both empty -> Dice 1, distances 0; one empty -> "
+                                   "Dice 0, distances undefined. ignore: also leave out cases whose truth is empty."),
+    strict: bool = typer.Option(False, "--strict", help="Case ids present on one side only are an error."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Per-volume Dice, IoU, HD95, ASSD, sensitivity, precision and volumes, with a Dice bar plot."""
+    from mriseg.evaluate import evaluate, results_table
+
+    result = evaluate(pred, truth, out, regions=regions, empty=empty, strict=strict, overwrite=overwrite)
+    console.print(results_table(result))
+    console.print(f"wrote {out / 'metrics.csv'}, {out / 'summary.json'}, {out / 'dsc.png'}", markup=False)
+    if as_json:
+        print_json(result.summary)
+
+
 # --- benchmark ---------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402  (imported in this section so the command sections merge cleanly)
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise MrisegError(f"{option} takes comma-separated whole numbers, got {text!r}") from None
+
+
+@app.command()
+def benchmark(
+    model: str = typer.Option("unet", "--model", help="Registry name of a model with pipeline stages."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="CUDA devices, e.g. 0,1 (0 alone: single only; 0,0: "
+                                       "pipeline machinery on one GPU)."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Torch devices, e.g. cpu,cpu: one 1-thread "
+                                          "process per device stands in for two GPUs."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples per training step."),
+    input_size: str = typer.Option("128,128", "--input-size", help="H,W (2D) or H,W,D (3D)."),
+    in_channels: Optional[int] = typer.Option(None, "--in-channels", help="Input channels [default: 3 for 2D, 4 for 3D]."),
+    out_channels: int = typer.Option(1, "--out-channels", help="Output channels."),
+    micro_batches: str = typer.Option("2,4,8", "--micro-batches", help="Micro-batch counts for the pipeline."),
+    split: str = typer.Option("encoder-decoder,balanced", "--split", help="Where to cut: encoder-decoder, balanced."),
+    schedule: str = typer.Option("gpipe,1f1b", "--schedule", help="Pipeline schedules: gpipe, 1f1b."),
+    steps: int = typer.Option(5, "--steps", help="Timed steps per configuration (median, p10, p90)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed steps before them."),
+    amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    timeline: Optional[Path] = typer.Option(None, "--timeline", help="Draw one step of each split (PNG)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --timeline file."),
+) -> None:
+    """Time one device against a naive split, a pipeline and data parallelism across two."""
+    from mriseg.benchmark import BenchmarkConfig, parse_devices, report_tables, run_benchmark
+    from mriseg.viz import draw_benchmark_timeline
+
+    if timeline is not None and timeline.exists() and not overwrite:
+        raise MrisegError(f"{timeline}: already exists; pass --overwrite to replace it")
+    config = BenchmarkConfig(
+        model=model, devices=parse_devices(gpus, devices), batch_size=batch_size,
+        input_size=_int_list(input_size, "--input-size"), in_channels=in_channels, out_channels=out_channels,
+        micro_batches=_int_list(micro_batches, "--micro-batches"),
+        splits=tuple(item.strip() for item in split.split(",")),
+        schedules=tuple(item.strip().lower() for item in schedule.split(",")),
+        steps=steps, warmup=warmup, amp=amp)
+    report = run_benchmark(config)
+    if timeline is not None:
+        draw_benchmark_timeline(report, timeline)
+    if as_json:
+        print_json(report)
+        return
+    from rich.console import Console
+
+    stdout = Console(highlight=False)
+    for renderable in report_tables(report):
+        stdout.print(renderable)
+
 
 # --- demo --------------------------------------------------------------------
 

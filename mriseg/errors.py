@@ -24,3 +24,6 @@ class BadInputError(MrisegError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+    def __reduce__(self):  # rebuild from (path, problem) when sent back from a worker process
+        return (type(self), (self.path, self.problem))

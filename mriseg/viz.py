@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,115 @@ def _save_atomically(path: Path, write) -> None:
 
 # --- evaluation plots (evaluate) ---------------------------------------------
 
+@dataclass
+class DiceBars:
+    """What one panel of the Dice bar plot drew: cases bottom to top, in ascending Dice."""
+
+    region: str
+    case_ids: list[str]
+    dice: list[float]
+    mean: float
+    median: float
+
+
+def plot_dice_bars(dice_by_region: dict[str, dict[str, float]], path: Path) -> dict[str, DiceBars]:
+    """Draw the per-case Dice bar plot, one panel per region, and save it as PNG at ``path``.
+
+    As in the reference program: horizontal bars sorted by Dice (the worst case at the
+    bottom), the mean as a red line and the median as a green line. Cases whose Dice is
+    not defined are left out by the caller. Returns the data each panel drew.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+
+    panels = {region: values for region, values in dice_by_region.items() if values}
+    if not panels:
+        raise ValueError("no defined Dice value to plot")
+    most_cases = max(len(values) for values in panels.values())
+    figure = Figure(figsize=(5.5 * len(panels), max(3.0, 1.2 + 0.28 * most_cases)), layout="constrained")
+    drawn: dict[str, DiceBars] = {}
+    for index, (region, values) in enumerate(panels.items()):
+        ordered = sorted(values.items(), key=lambda item: (item[1], item[0]))
+        bars = DiceBars(region=region, case_ids=[case for case, _ in ordered],
+                        dice=[float(dice) for _, dice in ordered],
+                        mean=float(np.mean(list(values.values()))),
+                        median=float(np.median(list(values.values()))))
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        positions = np.arange(len(ordered))
+        axes.barh(positions, bars.dice, color="skyblue")
+        axes.set_yticks(positions, bars.case_ids, fontsize="small")
+        axes.axvline(bars.mean, color="red", linewidth=2, label=f"mean {bars.mean:.3f}")
+        axes.axvline(bars.median, color="green", linewidth=2, label=f"median {bars.median:.3f}")
+        axes.set_xlim(0.0, 1.0)
+        axes.set_xticks(np.linspace(0.0, 1.0, 11))
+        axes.xaxis.grid(color="silver", alpha=0.5, linestyle="--")
+        axes.set_xlabel("Dice coefficient")
+        axes.set_title(region)
+        axes.legend(loc="lower right", fontsize="small")
+        drawn[region] = bars
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        figure.savefig(temporary, format="png", dpi=100)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return drawn
+
+
 # --- training curves (train) -------------------------------------------------
 
 # --- benchmark timeline (benchmark) ------------------------------------------
+
+import os  # noqa: E402  (kept in this section so the sections merge cleanly)
+from pathlib import Path  # noqa: E402
+
+
+def draw_benchmark_timeline(report: dict, path: str | os.PathLike) -> Path:
+    """Draw which stage computes when, on each device, during one step of each split configuration.
+
+    One panel for the naive split and one for the fastest pipeline, sharing the time
+    axis so the idle gaps (the bubble) compare directly. Forward bars are light,
+    backward bars dark; each bar is labelled with its micro-batch.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mriseg.errors import MrisegError
+
+    splits = [e for e in report["results"] if e.get("timeline")]
+    if not splits:
+        raise MrisegError("no split configuration was measured, so there is no timeline to draw "
+                          "(give two devices, e.g. --devices cpu,cpu)")
+    naive = next((e for e in splits if e["mode"] == "naive split"), None)
+    pipelined = [e for e in splits if e["mode"] == "pipelined"]
+    panels = [e for e in (naive, max(pipelined, key=lambda e: e["speedup"]) if pipelined else None) if e]
+    colours = {("F", 0): "#9ecae1", ("B", 0): "#3182bd", ("F", 1): "#fdae6b", ("B", 1): "#e6550d"}
+    figure, axes = plt.subplots(len(panels), 1, figsize=(10, 1.8 * len(panels) + 0.8), squeeze=False,
+                                sharex=True)
+    for axis, entry in zip(axes[:, 0], panels):
+        for event in entry["timeline"]:
+            stage, kind = event["stage"], event["kind"]
+            width = event["end_s"] - event["start_s"]
+            axis.barh(stage, width, left=event["start_s"], color=colours[(kind, stage % 2)], edgecolor="black",
+                      linewidth=0.5)
+            axis.text(event["start_s"] + width / 2, stage, f"{kind}{event['micro_batch']}", ha="center",
+                      va="center", fontsize=7)
+        title = ("naive split" if entry["mode"] == "naive split"
+                 else f"{entry['schedule']}, {entry['micro_batches']} micro-batches")
+        axis.set_title(f"{title} ({entry['split']}): step {entry['step_s']['median'] * 1000:.0f} ms median, "
+                       f"{entry['speedup']:.2f}x single", fontsize=9)
+        groups = entry["groups"]
+        axis.set_yticks([0, 1], [f"device 0: {groups[0][0]}..{groups[0][-1]}",
+                                 f"device 1: {groups[1][0]}..{groups[1][-1]}"], fontsize=8)
+        axis.invert_yaxis()
+    axes[-1, 0].set_xlabel("seconds since the step started (F = forward, B = backward, number = micro-batch)")
+    figure.suptitle(f"{report['model']} {'x'.join(map(str, report['input_shape']))} on "
+                    f"{','.join(report['devices'])}: one training step", fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path

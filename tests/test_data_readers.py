@@ -1,0 +1,136 @@
+"""Readers: layout detection and one Case per layout, on synthetic and on real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_fixtures import BRATS_2013_MAP, make_brats, make_brats2023, make_lgg, make_msd, make_pairs
+from mriseg.data.readers import detect_layout, label_scheme, list_cases, read_case
+from mriseg.errors import BadInputError
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("layouts")
+    brats = make_brats(root / "brats")
+    return {
+        "lgg": make_lgg(root / "lgg"),
+        "brats": brats,
+        "brats2023": make_brats2023(root / "brats2023", brats),
+        "msd": make_msd(root / "msd", brats, channel_files=False),
+        "nnunet": make_msd(root / "nnunet", brats, channel_files=True),
+        "pairs": make_pairs(root / "pairs"),
+        "pairs_flat": make_pairs(root / "pairs_flat", flat=True),
+    }
+
+
+@pytest.mark.parametrize("name, layout", [("lgg", "lgg"), ("brats", "brats"), ("brats2023", "brats"),
+                                          ("msd", "msd"), ("nnunet", "msd"), ("pairs", "pairs"),
+                                          ("pairs_flat", "pairs")])
+def test_detect_layout(datasets, name, layout):
+    assert detect_layout(datasets[name]) == layout
+
+
+def test_lgg_case_is_a_three_channel_slice_stack_with_binary_mask(datasets):
+    refs = list_cases(datasets["lgg"])
+    assert [r.case_id for r in refs] == ["TCGA_SY_0001_19990101", "TCGA_SY_0002_19990101", "TCGA_SY_0003_19990101"]
+    case = read_case(refs[0])
+    assert case.image.shape == (3, 12, 32, 32) and case.image.dtype == np.float32
+    assert case.label.shape == (12, 32, 32)
+    assert set(np.unique(case.label)) <= {0, 1} and case.label.max() == 1
+    assert case.slice_axis == 0 and case.layout == "lgg"
+    assert case.modalities == ["pre-contrast", "flair", "post-contrast"]
+
+
+def test_lgg_slices_sorted_by_integer_not_lexically(datasets):
+    ref = list_cases(datasets["lgg"])[0]
+    numbers = [int(p.stem.rsplit("_", 1)[1]) for p in ref.image_paths]
+    assert numbers == list(range(1, 13))  # lexical order would put 10 before 2
+
+
+@pytest.mark.parametrize("name, modalities", [("brats", ["t1", "t1ce", "t2", "flair"]),
+                                              ("brats2023", ["t1n", "t1c", "t2w", "t2f"])])
+def test_brats_naming(datasets, name, modalities):
+    case = read_case(list_cases(datasets[name])[0])
+    assert case.modalities == modalities
+    assert case.image.shape == (4, 24, 24, 16)
+    assert set(np.unique(case.label)) <= {0, 1, 2, 4}
+    assert case.slice_axis == 2 and case.affine.shape == (4, 4)
+    assert case.header["qform_code"] == 1 and case.header["sform_code"] == 1
+    assert case.spacing == pytest.approx((10.0, 10.0, 155 / 16))
+
+
+@pytest.mark.parametrize("name", ["msd", "nnunet"])
+def test_msd_4d_and_channel_files_give_the_same_case(datasets, name):
+    refs = list_cases(datasets[name])
+    assert [r.case_id for r in refs] == ["BRATS_001", "BRATS_002"]
+    case = read_case(refs[0])
+    reference = read_case(list_cases(datasets["brats"])[0])
+    assert case.modalities == ["FLAIR", "T1w", "t1gd", "T2w"]
+    np.testing.assert_array_equal(case.image[0], reference.image[3])  # flair
+    np.testing.assert_array_equal(case.label, reference.label)
+    assert case.header["label_names"]["4"] == "enhancing"
+
+
+@pytest.mark.parametrize("name", ["pairs", "pairs_flat"])
+def test_pairs_give_2d_cases_with_binary_masks(datasets, name):
+    refs = list_cases(datasets[name])
+    assert [r.case_id for r in refs] == ["shape0", "shape1", "shape2"]
+    case = read_case(refs[1])
+    assert case.image.shape == (1, 20, 24) and case.slice_axis is None
+    assert set(np.unique(case.label)) == {0, 1}
+
+
+def test_single_inputs_for_predict(datasets):
+    brats_folder = datasets["brats"] / "BraTS2021_S0001"
+    assert read_case(brats_folder).image.shape == (4, 24, 24, 16)
+    assert read_case(datasets["lgg"] / "TCGA_SY_0002_19990101").image.shape == (3, 12, 32, 32)
+    one_file = read_case(brats_folder / "BraTS2021_S0001_flair.nii.gz")
+    assert one_file.image.shape == (1, 24, 24, 16) and one_file.label is None and one_file.slice_axis == 2
+    four_d = read_case(datasets["msd"] / "imagesTr" / "BRATS_002.nii.gz")
+    assert four_d.image.shape == (4, 24, 24, 16)
+    png = read_case(datasets["pairs"] / "images" / "shape0.png")
+    assert png.image.shape == (1, 20, 24) and png.label is None
+
+
+def test_a_folder_of_several_cases_is_not_one_input(datasets):
+    with pytest.raises(BadInputError, match="holds 3 cases"):
+        read_case(datasets["lgg"])
+
+
+def test_label_scheme_is_named_from_the_values_found():
+    assert label_scheme([0, 1]) == "binary"
+    assert label_scheme([0, 1, 2, 3, 4]) == "brats2013"
+    assert label_scheme([0, 2, 4]) == "brats"
+    assert label_scheme([0, 1, 2, 3], naming="brats2023") == "brats2023"
+    assert label_scheme([0, 1, 2, 3]) == "multiclass"
+
+
+def test_real_brats_with_a_modality_map(shared_data):
+    refs = list_cases(shared_data / "brats", modalities=BRATS_2013_MAP)
+    assert [r.case_id for r in refs] == ["brats_2013_pat0002_1", "brats_2013_pat0004_1",
+                                         "brats_2013_pat0005_1", "brats_2013_pat0006_1"]
+    case = read_case(refs[0])
+    assert case.image.shape == (2, 240, 240, 155) and case.modalities == ["flair", "t1ce"]
+    assert case.label.dtype == np.uint8 and set(np.unique(case.label)) == {0, 1, 2, 3, 4}
+    assert case.slice_axis == 2
+    # The image files carry qform_code 0 and sform_code 2 (only OTMultiClass has 2 and 1).
+    assert case.header["qform_code"] == 0 and case.header["sform_code"] == 2
+    np.testing.assert_array_equal(case.affine[:3, :3], np.diag([-1.0, -1.0, 1.0]))
+    assert case.affine[1, 3] == 239
+
+
+def test_real_brats_without_a_map_says_what_to_pass(shared_data):
+    with pytest.raises(BadInputError, match="--modalities"):
+        list_cases(shared_data / "brats")
+
+
+def test_real_lgg_slices(shared_data):
+    case = read_case(shared_data / "lgg" / "TCGA_CS_4942_19970222")
+    assert case.image.shape == (3, 3, 256, 256)
+    assert case.header["slice_names"] == [f"TCGA_CS_4942_19970222_{n}.tif" for n in (10, 11, 12)]
+    assert set(np.unique(case.label)) == {0, 1}
+    assert case.label.sum(axis=(1, 2)).tolist() == [1257, 1539, 1383]  # PROVENANCE.md's 255-valued counts
