@@ -200,8 +200,9 @@ def make_predictor(model: torch.nn.Module, activation: str, amp: bool = False) -
     def predict_batch(batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), torch.autocast(device_type, enabled=amp,
                                                     dtype=torch.float16 if device_type == "cuda" else torch.bfloat16):
-            logits = model(batch)
-        logits = logits.float()
+            output = model(batch)
+        # Deep-supervision models may return several outputs; the first is full resolution.
+        logits = (output[0] if isinstance(output, (list, tuple)) else output).float()
         return torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
 
     return predict_batch
@@ -367,10 +368,10 @@ def write_slice_masks(labels: np.ndarray, case: Case, folder: Path) -> list[Path
 
 DEFAULT_RUN = Path("runs") / "latest"
 DEFAULT_OUT = Path("predictions")
-DEFAULT_PATCH = (128, 128, 128)
 # Different datasets name the same sequence differently (BraTS 2021 vs 2023, MSD, LGG).
 MODALITY_ALIASES = {"t1c": "t1ce", "t1gd": "t1ce", "t1-gd": "t1ce", "t1n": "t1", "t1w": "t1",
                     "t2w": "t2", "t2f": "flair", "t2-flair": "flair"}
+TASK_KINDS = ("binary", "multiclass", "regions")
 GENERIC_CHANNEL_NAME = re.compile(r"^(channel\d+|image)$")
 
 
@@ -425,7 +426,16 @@ class LoadedModel:
 
     @property
     def activation(self) -> str:
-        return "softmax" if self.task.get("kind") == "multiclass" else "sigmoid"
+        return self.task.get("activation") or ("softmax" if self.task.get("kind") == "multiclass" else "sigmoid")
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """Names of the label values written (for overlay legends), background left out."""
+        if self.task.get("kind") == "multiclass" and self.task.get("channel_names"):
+            names = dict(zip(self.task["labels"], self.task["channel_names"]))
+        else:
+            names = (self.checkpoint.get("label_info") or {}).get("names") or {}
+        return {int(value): str(name) for value, name in names.items() if int(value) != 0}
 
 
 @dataclass
@@ -486,6 +496,9 @@ def load_model(model: str | Path | None, device: str = "auto") -> LoadedModel:
     """Find, read and rebuild the model (see :func:`resolve_model_path`)."""
     path = resolve_model_path(model)
     checkpoint = load_checkpoint(path)
+    kind = checkpoint["task"].get("kind") if isinstance(checkpoint["task"], dict) else None
+    if kind not in TASK_KINDS:
+        raise BadInputError(path, f"checkpoint task kind {kind!r} is not one of {', '.join(TASK_KINDS)}")
     target = choose_device(device)
     network = model_from_checkpoint(checkpoint).to(target).eval()
     return LoadedModel(path=path, checkpoint=checkpoint, network=network, device=target)
@@ -572,7 +585,7 @@ def predict(inputs: Sequence[str], model: str | Path | None = None, options: Pre
     loaded = load_model(model, options.device)
     prepare_output_folder(options.out)
     results = []
-    for path in progress(paths, description="predict", every=1):
+    for path in progress(paths, description="predict"):
         for result in predict_path(path, loaded, options):
             results.append(result)
             if on_result is not None:
@@ -613,6 +626,10 @@ def predict_path(path: str, loaded: LoadedModel, options: PredictOptions) -> lis
             result.input = path
         except MrisegError as error:
             result = CaseResult(case_id=case_id, input=path, status="failed", error=str(error))
+        except torch.OutOfMemoryError:
+            result = CaseResult(case_id=case_id, input=path, status="failed",
+                                error=f"{path}: out of memory on {loaded.device} (try a smaller --batch-size, "
+                                      "or --amp)")
         result.seconds = time.perf_counter() - started
         results.append(result)
     return results
@@ -638,7 +655,7 @@ def predict_case(case: Case, loaded: LoadedModel, options: PredictOptions) -> Ca
         labels = keep_largest_component(labels)
     outputs = write_outputs(case, labels, probabilities, record, loaded, planned, options)
     if options.overlay or options.gif:
-        outputs.update(write_pictures(case, labels, truth, loaded.task, planned, options))
+        outputs.update(write_pictures(case, labels, truth, loaded, planned, options))
     return CaseResult(case_id=case.case_id, input=str(case.source_paths[0]) if case.source_paths else "",
                       outputs={key: str(value) for key, value in outputs.items()},
                       volume_ml=tumour_volume_ml(labels, case.spacing))
@@ -655,7 +672,8 @@ def infer(loaded: LoadedModel, image: np.ndarray, slice_axis: int | None, option
     else:
         if tensor.ndim != 4:
             raise MrisegError(f"the model is 3D but the input is {tensor.ndim - 1}D")
-        patch = options.patch_size or tuple(loaded.checkpoint.get("patch_size") or DEFAULT_PATCH)
+        # Training without --patch-size saw whole volumes: predict them whole too.
+        patch = options.patch_size or tuple(loaded.checkpoint.get("patch_size") or tensor.shape[1:])
         scores = sliding_window_predict(predictor, tensor, patch, options.overlap, options.batch_size)
     return scores.cpu().numpy()
 
@@ -735,7 +753,7 @@ def labels_for_overlay(case: Case, labels_path: Path | None) -> np.ndarray | Non
     return label
 
 
-def write_pictures(case: Case, labels: np.ndarray, truth: np.ndarray | None, task: dict,
+def write_pictures(case: Case, labels: np.ndarray, truth: np.ndarray | None, loaded: LoadedModel,
                    planned: dict[str, Path], options: PredictOptions) -> dict[str, Path]:
     """Overlay PNGs (``--overlay``) and an animated GIF (``--gif``) of the case.
 
@@ -755,9 +773,9 @@ def write_pictures(case: Case, labels: np.ndarray, truth: np.ndarray | None, tas
     with_tumour = [i for i in range(count) if predicted_planes[i].any()
                    or (truth_planes[i] is not None and truth_planes[i].any())]
     shown = list(range(count)) if options.all_slices else with_tumour
-    multiclass = task.get("kind", "binary") != "binary"
-    names = {int(value): name for value, name in (task.get("names") or case.header.get("label_names") or {}).items()}
-    names = {value: name for value, name in names.items() if value != 0} or {1: "tumour"}
+    multiclass = loaded.task.get("kind", "binary") != "binary"
+    names = loaded.label_names or {int(value): name for value, name in case.header.get("label_names", {}).items()
+                                   if int(value) != 0}
 
     def picture(index: int) -> np.ndarray:
         predicted = predicted_planes[index] if multiclass else predicted_planes[index] > 0
