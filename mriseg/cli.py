@@ -120,6 +120,31 @@ def preprocess(
 
 # --- models ------------------------------------------------------------------
 
+
+@app.command("models")
+def models_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
+) -> None:
+    """List the networks: name, dims, parameters at the default width, reference, notes."""
+    from mriseg.models import describe_models
+
+    entries = describe_models()
+    if as_json:
+        print_json(entries)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="mriseg models (parameters at the default width)")
+    for column in ("name", "dims", "parameters", "for (in, out)", "options", "reference", "notes"):
+        table.add_column(column, justify="right" if column == "parameters" else "left", overflow="fold")
+    for entry in entries:
+        shape = entry["parameters_for"]
+        table.add_row(entry["name"], ", ".join(f"{d}D" for d in entry["dims"]), f"{entry['parameters']:,}",
+                      f"{shape['in_channels']}, {shape['out_channels']} ({shape['spatial_dims']}D)",
+                      ", ".join(entry["options"]) or "-", entry["reference"], entry["notes"])
+    Console().print(table)
+
 # --- train -------------------------------------------------------------------
 
 # --- predict -----------------------------------------------------------------
@@ -217,13 +242,17 @@ def evaluate_command(
                               help="Empty-mask policy. score: both empty -> Dice 1, distances 0; one empty -> "
                                    "Dice 0, distances undefined. ignore: also leave out cases whose truth is empty."),
     strict: bool = typer.Option(False, "--strict", help="Case ids present on one side only are an error."),
+    modalities: Optional[str] = typer.Option(None, "--modalities",
+                                             help="BraTS file-name map of the GT dataset, e.g. "
+                                                  "flair=Flair_x,t1ce=T1c_x,seg=OTMultiClass."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Per-volume Dice, IoU, HD95, ASSD, sensitivity, precision and volumes, with a Dice bar plot."""
     from mriseg.evaluate import evaluate, results_table
 
-    result = evaluate(pred, truth, out, regions=regions, empty=empty, strict=strict, overwrite=overwrite)
+    result = evaluate(pred, truth, out, regions=regions, empty=empty, strict=strict, overwrite=overwrite,
+                      modalities=modalities)
     console.print(results_table(result))
     console.print(f"wrote {out / 'metrics.csv'}, {out / 'summary.json'}, {out / 'dsc.png'}", markup=False)
     if as_json:
@@ -232,7 +261,6 @@ def evaluate_command(
 
 # --- benchmark ---------------------------------------------------------------
 
-from pathlib import Path  # noqa: E402  (imported in this section so the command sections merge cleanly)
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
@@ -253,6 +281,7 @@ def benchmark(
     input_size: str = typer.Option("128,128", "--input-size", help="H,W (2D) or H,W,D (3D)."),
     in_channels: Optional[int] = typer.Option(None, "--in-channels", help="Input channels [default: 3 for 2D, 4 for 3D]."),
     out_channels: int = typer.Option(1, "--out-channels", help="Output channels."),
+    features: Optional[int] = typer.Option(None, "--features", help="The model's width [default: the model's]."),
     micro_batches: str = typer.Option("2,4,8", "--micro-batches", help="Micro-batch counts for the pipeline."),
     split: str = typer.Option("encoder-decoder,balanced", "--split", help="Where to cut: encoder-decoder, balanced."),
     schedule: str = typer.Option("gpipe,1f1b", "--schedule", help="Pipeline schedules: gpipe, 1f1b."),
@@ -272,7 +301,7 @@ def benchmark(
     config = BenchmarkConfig(
         model=model, devices=parse_devices(gpus, devices), batch_size=batch_size,
         input_size=_int_list(input_size, "--input-size"), in_channels=in_channels, out_channels=out_channels,
-        micro_batches=_int_list(micro_batches, "--micro-batches"),
+        features=features, micro_batches=_int_list(micro_batches, "--micro-batches"),
         splits=tuple(item.strip() for item in split.split(",")),
         schedules=tuple(item.strip().lower() for item in schedule.split(",")),
         steps=steps, warmup=warmup, amp=amp)
@@ -284,7 +313,8 @@ def benchmark(
         return
     from rich.console import Console
 
-    stdout = Console(highlight=False)
+    # Wide enough for the results table when stdout is a file or a pipe.
+    stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     for renderable in report_tables(report):
         stdout.print(renderable)
 
