@@ -140,14 +140,20 @@ def resize_nearest(array: np.ndarray, out_shape: Sequence[int], axes: Sequence[i
 
 
 def background_values(image: np.ndarray) -> np.ndarray:
-    """Per-channel background: the value held by most corners when that is a majority, else 0."""
+    """Per-channel background value: 0, unless most corners hold one constant that is also the
+    channel's minimum (the real BraTS 2013 cases: a negative constant outside the brain).
+
+    The minimum condition keeps noisy backgrounds at 0: a kaggle_3m FLAIR plane has 1 in its
+    corners but 0 elsewhere outside the head, so it has no constant background.
+    """
     corner_index = np.ix_(*[[0, n - 1] for n in image.shape[1:]])
     values = []
     for channel in image:
         corners = channel[corner_index].ravel()
         candidates, counts = np.unique(corners, return_counts=True)
         best = int(np.argmax(counts))
-        values.append(float(candidates[best]) if counts[best] * 2 > corners.size else 0.0)
+        majority = counts[best] * 2 > corners.size
+        values.append(float(candidates[best]) if majority and candidates[best] == channel.min() else 0.0)
     return np.asarray(values, dtype=np.float32)
 
 
