@@ -319,8 +319,9 @@ def predict(
     results = predict_module.predict(inputs, model=model, options=options,
                                      shard=predict_module.parse_shard(shard) if shard else None, on_result=report)
     failed = sum(result.status != "ok" for result in results)
-    if results and failed == len(results):
-        raise MrisegError(f"all {failed} case(s) failed; nothing was written")
+    if results and failed == len(results):  # each failure already had its error line
+        info(f"all {failed} case(s) failed; nothing was written")
+        raise typer.Exit(2)
     if failed:
         info(f"{failed} of {len(results)} case(s) failed (see the errors above)")
         raise typer.Exit(1)

@@ -44,6 +44,7 @@ class Scenario:
     obey_permissions: bool = False
     fresh_interpreter: bool = False   # the behaviour depends on the real stderr (e.g. its encoding)
     check: Callable[[Path], None] | None = None   # for accepted inputs: inspects ``out``
+    after: Callable[[Path], None] | None = None   # for refused inputs: a further check after the run
 
 
 @dataclass
@@ -88,6 +89,8 @@ def make_templates(root: Path) -> dict[str, Path]:
         binary = (np.asanyarray(source.dataobj) > 0).astype(np.uint8)
         nib.save(nib.Nifti1Image(binary, source.affine), str(masks / f"{folder.name}.nii.gz"))
     templates["masks"] = masks
+    templates["checkpoint"] = tiny_checkpoint(root / "unet2d.pt")
+    templates["checkpoint-3d"] = tiny_checkpoint(root / "tiny3d.pt", model="tiny3d", in_channels=4, spatial_dims=3)
     return templates
 
 
@@ -677,6 +680,149 @@ def eval_mask_0_255(ws: Workspace) -> Scenario:
                     exit_code=0, check=check)
 
 
+# ----------------------------------------------------------------------------- predict and checkpoints
+
+MARKER = "pwned-marker"
+
+
+def tiny_checkpoint(path: Path, model: str = "unet", in_channels: int = 3, spatial_dims: int = 2) -> Path:
+    """A checkpoint as ``mriseg train`` writes it, for an untrained 4-feature network (binary task)."""
+    import torch
+
+    from mriseg.checkpoint import save_checkpoint
+    from mriseg.models import build_model
+
+    torch.manual_seed(0)
+    options = {"features": 4} if model == "unet" else {}
+    network = build_model(model, in_channels, 1, spatial_dims=spatial_dims, **options)
+    task = {"kind": "binary", "activation": "sigmoid", "out_channels": 1, "labels": [0, 1], "foreground_label": 1,
+            "channel_names": ["tumour"], "threshold": 0.5, "ignore_index": None}
+    return save_checkpoint(path, {
+        "model": {"name": model, "in_channels": in_channels, "out_channels": 1, "spatial_dims": spatial_dims,
+                  "options": options},
+        "state_dict": network.state_dict(), "preprocess": {"size": None, "crop": False, "norm": "zscore",
+                                                           "label_map": {}, "dtype": "float16"},
+        "modalities": ["pre-contrast", "flair", "post-contrast"], "task": task, "patch_size": [],
+        "epoch": 1, "best_score": 0.0})
+
+
+def predict_scenario(ws: Workspace, checkpoint: Path, target: Path, *problem: str,
+                     inputs: tuple[Path, ...] | None = None) -> Scenario:
+    lgg_case = sorted(p for p in ws.templates["lgg"].iterdir() if p.is_dir())[0]
+    return Scenario(["predict", *(str(p) for p in (inputs or (lgg_case,))), "--model", str(checkpoint),
+                     "--out", str(ws.out), "--device", "cpu"], ws.out, (target.name, *problem))
+
+
+def checkpoint_truncated(ws: Workspace) -> Scenario:
+    target = ws.root / "best.pt"
+    data = ws.templates["checkpoint"].read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    return predict_scenario(ws, target, target, "truncated or corrupt")
+
+
+def checkpoint_zero_byte(ws: Workspace) -> Scenario:
+    target = ws.root / "best.pt"
+    target.write_bytes(b"")
+    return predict_scenario(ws, target, target, "truncated or corrupt")
+
+
+def checkpoint_of_another_model(ws: Workspace) -> Scenario:
+    """Weights of a 3D tiny3d network in a checkpoint that says it holds the 2D unet."""
+    import torch
+
+    target = ws.root / "best.pt"
+    document = torch.load(ws.templates["checkpoint"], weights_only=True)
+    other = torch.load(ws.templates["checkpoint-3d"], weights_only=True)
+    document["state_dict"] = other["state_dict"]
+    torch.save(document, target)
+    return predict_scenario(ws, target, target, "weights do not fit")
+
+
+def checkpoint_unknown_model(ws: Workspace) -> Scenario:
+    import torch
+
+    target = ws.root / "best.pt"
+    document = torch.load(ws.templates["checkpoint"], weights_only=True)
+    document["model"]["name"] = "resnet9000"
+    torch.save(document, target)
+    return predict_scenario(ws, target, target, "resnet9000")
+
+
+def checkpoint_from_another_tool(ws: Workspace) -> Scenario:
+    import torch
+
+    target = ws.root / "model.pt"
+    torch.save({"state_dict": {"weight": torch.zeros(2)}, "epoch": 3}, target)
+    return predict_scenario(ws, target, target, "not an mriseg checkpoint")
+
+
+def checkpoint_future_version(ws: Workspace) -> Scenario:
+    import torch
+
+    target = ws.root / "best.pt"
+    document = torch.load(ws.templates["checkpoint"], weights_only=True)
+    document["format_version"] = 99
+    torch.save(document, target)
+    return predict_scenario(ws, target, target, "format_version 99")
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system``: what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def checkpoint_executing_pickle(ws: Workspace) -> Scenario:
+    """A torch.save file whose unpickling would create a marker file; the marker must never appear."""
+    import torch
+
+    target = ws.root / "best.pt"
+    marker = ws.root / MARKER
+    document = torch.load(ws.templates["checkpoint"], weights_only=True)
+    document["epoch"] = _RunsCode(marker)
+    torch.save(document, target)
+    scenario = predict_scenario(ws, target, target, "refused to load")
+
+    def check_marker(out: Path) -> None:
+        assert not marker.exists(), "the checkpoint's code ran"
+
+    scenario.after = check_marker
+    return scenario
+
+
+def checkpoint_plain_pickle(ws: Workspace) -> Scenario:
+    """Not even a torch file: a bare pickle whose loading would run code."""
+    import pickle
+
+    target = ws.root / "best.pt"
+    marker = ws.root / MARKER
+    target.write_bytes(pickle.dumps(_RunsCode(marker)))
+    scenario = predict_scenario(ws, target, target)
+
+    def check_marker(out: Path) -> None:
+        assert not marker.exists(), "the checkpoint's code ran"
+
+    scenario.after = check_marker
+    return scenario
+
+
+def predict_truncated_input(ws: Workspace) -> Scenario:
+    src = ws.copy("lgg")
+    target = lgg_slice(src, 1, 2)
+    target.write_bytes(target.read_bytes()[:60])
+    return predict_scenario(ws, ws.templates["checkpoint"], target, "cannot read image", inputs=(target.parent,))
+
+
+def predict_wrong_channels(ws: Workspace) -> Scenario:
+    """A 4-channel BraTS case for a 3-channel LGG model."""
+    case = sorted(p for p in ws.templates["brats"].iterdir() if p.is_dir())[0]
+    return predict_scenario(ws, ws.templates["checkpoint"], case, "needs modalities", inputs=(case,))
+
+
 # ----------------------------------------------------------------------------- the corpus
 
 CORPUS: list[BadInput] = [
@@ -763,6 +909,23 @@ CORPUS: list[BadInput] = [
     BadInput("eval-empty-folder", "evaluate", "empty prediction folder", "refused", eval_empty_prediction_folder),
     BadInput("eval-duplicate-ids", "evaluate", "case.nii and case.nii.gz", "refused", eval_duplicate_ids),
     BadInput("eval-output-is-file", "evaluate", "--out is an existing file", "refused", eval_output_is_a_file),
+    BadInput("checkpoint-truncated", "predict", "checkpoint cut in half", "refused", checkpoint_truncated),
+    BadInput("checkpoint-zero-byte", "predict", "zero-byte checkpoint", "refused", checkpoint_zero_byte),
+    BadInput("checkpoint-other-model", "predict", "tiny3d weights in a unet checkpoint", "refused",
+             checkpoint_of_another_model),
+    BadInput("checkpoint-unknown-model", "predict", "model name not in the registry", "refused",
+             checkpoint_unknown_model),
+    BadInput("checkpoint-other-tool", "predict", "a torch.save dict from another tool", "refused",
+             checkpoint_from_another_tool),
+    BadInput("checkpoint-future-version", "predict", "format_version 99", "refused", checkpoint_future_version),
+    BadInput("checkpoint-executes-code", "predict", "torch.save file whose unpickling runs os.system",
+             "refused, the code never runs", checkpoint_executing_pickle),
+    BadInput("checkpoint-bare-pickle", "predict", "a bare pickle that runs os.system", "refused, the code never runs",
+             checkpoint_plain_pickle),
+    BadInput("predict-truncated-input", "predict", "a truncated slice TIF as input", "refused",
+             predict_truncated_input),
+    BadInput("predict-wrong-channels", "predict", "4-channel BraTS case for a 3-channel model", "refused",
+             predict_wrong_channels),
     BadInput("eval-mask-0-255", "evaluate", "prediction masks 0/255, truth 0/1", "accepted: any non-zero is tumour",
              eval_mask_0_255),
 ]
