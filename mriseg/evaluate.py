@@ -144,10 +144,12 @@ REGION_SCHEMES: dict[str, tuple[Region, ...]] = {
     # BraTS: 1 necrosis / non-enhancing core, 2 oedema, 3 non-enhancing (before 2017), 4 enhancing.
     "brats": (Region("WT", (1, 2, 3, 4)), Region("TC", (1, 3, 4)), Region("ET", (4,))),
     # Medical Segmentation Decathlon Task01: 1 oedema, 2 non-enhancing tumour, 3 enhancing tumour.
+    # BraTS 2023: 1 necrotic core, 2 oedema, 3 enhancing tumour.
+    "brats2023": (Region("WT", (1, 2, 3)), Region("TC", (1, 3)), Region("ET", (3,))),
     "msd": (Region("WT", (1, 2, 3)), Region("TC", (2, 3)), Region("ET", (3,))),
     "binary": (Region("tumour", None),),
 }
-REGION_CHOICES = ("auto", "binary", "labels", "brats", "msd")
+REGION_CHOICES = ("auto", "binary", "labels", "brats", "brats2023", "msd")
 """``--regions`` values; a custom scheme is also accepted as ``NAME=1,2;NAME=4``."""
 
 
@@ -215,6 +217,17 @@ class MaskVolume:
 
     def __post_init__(self) -> None:
         self.values = np.unique(self.labels)
+
+
+def _visible(folder: Path) -> list[Path]:
+    """Entries not starting with a dot: temporary files of an unfinished write are hidden."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _is_side_output(path: Path) -> bool:
+    """What ``mriseg predict`` writes beside its masks: soft maps and overlay pictures."""
+    stem = case_id_from_name(path.name)
+    return (path.is_dir() and path.name == "overlays") or stem.endswith("_probabilities")
 
 
 def case_id_from_name(name: str) -> str:
@@ -288,7 +301,7 @@ def _slice_number(path: Path) -> tuple[int, str]:
 
 def read_slice_folder(folder: Path) -> MaskVolume:
     """Stack a folder of TIF/PNG mask slices along axis 0, in slice-number order."""
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SLICE_SUFFIXES]
+    files = [p for p in _visible(folder) if p.is_file() and p.suffix.lower() in SLICE_SUFFIXES]
     masks = [p for p in files if case_id_from_name(p.name) != p.name.rsplit(".", 1)[0]]
     files = sorted(masks or files, key=_slice_number)
     if not files:
@@ -312,11 +325,12 @@ def read_mask(path: Path) -> MaskVolume:
             return MaskVolume(case_id_from_name(path.name), labels, (1.0,) * labels.ndim, None, path,
                               spacing_known=False)
         raise BadInputError(path, "not a mask file (expected .nii.gz, .nii, .tif, .tiff or .png)")
-    niftis = sorted(p for p in path.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES))
+    niftis = [p for p in _visible(path) if p.name.lower().endswith(NIFTI_SUFFIXES) and not _is_side_output(p)]
     if len(niftis) == 1:
         return read_nifti_mask(niftis[0], case_id=path.name)
     if len(niftis) > 1:
-        raise BadInputError(path, f"{len(niftis)} NIfTI files in one case folder; expected one mask")
+        raise BadInputError(path, f"{len(niftis)} NIfTI files in one case folder; expected one mask (for a "
+                                  "BraTS dataset named otherwise pass --modalities flair=...,seg=LABEL_NAME)")
     return read_slice_folder(path)
 
 
@@ -327,9 +341,8 @@ def find_mask_cases(root: Path) -> dict[str, Path]:
     if root.is_file():
         return {case_id_from_name(root.name): root}
     cases: dict[str, Path] = {}
-    entries = sorted(root.iterdir())
-    for entry in entries:
-        if entry.name.startswith("."):
+    for entry in _visible(root):
+        if _is_side_output(entry):
             continue
         lower = entry.name.lower()
         if entry.is_dir() or lower.endswith(NIFTI_SUFFIXES + SLICE_SUFFIXES):
@@ -448,11 +461,17 @@ def prepare_output_folder(out: Path, overwrite: bool) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path``, then rename: a reader never sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise BadInputError(path, f"cannot write ({error.strerror})") from error
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             stream.write(text)
         os.replace(temporary, path)
+    except OSError as error:  # disk full: name the file instead of a bare errno
+        Path(temporary).unlink(missing_ok=True)
+        raise BadInputError(path, f"cannot write ({error.strerror})") from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -489,10 +508,57 @@ class TruthSource:
     default_scheme: str
 
 
-def open_truth(root: Path) -> TruthSource:
-    """Truth masks from mask files (``<case_id>.nii.gz``, TIF/PNG masks, case folders)."""
-    cases = find_mask_cases(root)
-    return TruthSource(sorted(cases), lambda case_id: read_mask(cases[case_id]), "binary")
+def scheme_for_dataset(ref: Any) -> str:
+    """The ``--regions auto`` scheme of a dataset, from a reader's :class:`CaseRef`."""
+    if ref.layout == "brats":
+        return "brats2023" if ref.naming == "brats2023" else "brats"
+    if ref.layout == "msd":
+        names = " ".join(name.lower() for value, name in ref.label_names if value)
+        if "enhanc" in names:
+            return "msd"
+        return "binary" if len([value for value, _ in ref.label_names if value]) <= 1 else "labels"
+    return "binary"
+
+
+def read_reference_labels(ref: Any) -> MaskVolume:
+    """Only the label files of a reader's case: no need to decode four modalities to score."""
+    if ref.layout == "lgg":
+        slices = [_read_slice(path) for path in ref.label_paths]
+        stacked = np.stack(slices)
+        return MaskVolume(ref.case_id, stacked, (1.0,) * stacked.ndim, None, ref.label_paths[0].parent,
+                          spacing_known=False)
+    mask = read_mask(ref.label_paths[0])
+    mask.case_id = ref.case_id
+    return mask
+
+
+def open_truth(root: Path, modalities: str | None = None) -> TruthSource:
+    """The truth at ``root``: a labelled dataset the readers know, else mask files.
+
+    ``modalities`` is the readers' BraTS file-name map (``seg=OTMultiClass,...``) for datasets
+    whose files are not named like BraTS's.
+
+    A folder of bare masks (``<case_id>.nii.gz``, TIF/PNG masks, a folder per case holding
+    one mask) is not a dataset to the readers, so their refusal sends us to the mask files.
+    """
+    from mriseg.data.readers import list_cases
+
+    try:
+        refs = list_cases(root, modalities=modalities)
+    except MrisegError as dataset_error:
+        try:
+            cases = find_mask_cases(root)
+        except MrisegError as masks_error:
+            raise MrisegError(f"{root}: neither a labelled dataset ({dataset_error}) nor a folder of masks "
+                              f"({masks_error})") from masks_error
+        return TruthSource(sorted(cases), lambda case_id: read_mask(cases[case_id]), "binary")
+    labelled = {ref.case_id: ref for ref in refs if ref.has_label}
+    if not labelled:
+        raise BadInputError(root, f"a {refs[0].layout} dataset without labels: nothing to score against")
+    if len(labelled) < len(refs):
+        warn(f"{len(refs) - len(labelled)} case(s) in {root} have no label and are not scored")
+    return TruthSource(sorted(labelled), lambda case_id: read_reference_labels(labelled[case_id]),
+                       scheme_for_dataset(next(iter(labelled.values()))))
 
 
 # --- the command ---------------------------------------------------------------------
@@ -554,7 +620,7 @@ def score_and_report(pairs: Iterable[tuple[MaskVolume, MaskVolume]], total: int,
 
 
 def evaluate(pred: Path, truth: Path, out: Path, regions: str = "auto", empty: str = "score",
-             strict: bool = False, overwrite: bool = False) -> EvaluationResult:
+             strict: bool = False, overwrite: bool = False, modalities: str | None = None) -> EvaluationResult:
     """Score the masks in ``pred`` against ``truth``, matched by case id; write the reports into ``out``.
 
     Args:
@@ -566,12 +632,13 @@ def evaluate(pred: Path, truth: Path, out: Path, regions: str = "auto", empty: s
         empty: empty-mask policy, a key of :data:`EMPTY_POLICIES`.
         strict: make case ids present on one side only an error instead of a warning.
         overwrite: replace earlier results in ``out``.
+        modalities: file-name map for a BraTS truth dataset, as for ``mriseg preprocess``.
     """
     if empty not in EMPTY_POLICIES:
         raise MrisegError(f"--empty {empty!r}: choose one of {', '.join(EMPTY_POLICIES)}")
     scheme = parse_regions(regions)
     pred_cases = find_mask_cases(pred)
-    truth_source = open_truth(truth)
+    truth_source = open_truth(truth, modalities)
     matched, pred_only, truth_only = match_case_ids(pred_cases, truth_source.case_ids, strict)
     if scheme == "auto":
         scheme = truth_source.default_scheme
@@ -583,25 +650,31 @@ def evaluate(pred: Path, truth: Path, out: Path, regions: str = "auto", empty: s
 
 def results_table(result: EvaluationResult) -> Any:
     """A rich table for the terminal: a line per case and region, then mean and median per region."""
+    from rich import box
     from rich.table import Table
 
     def cell(value: float | None, digits: int = 3) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
-    table = Table(title=f"per-volume metrics ({result.summary['cases']} cases)", show_lines=False)
-    # Sensitivity and precision stay in metrics.csv: the table must fit an 80-column log.
-    for heading in ("case", "region", "Dice", "IoU", "HD95mm", "ASSDmm", "pred mL", "true mL", "empty"):
-        table.add_column(heading, justify="left" if heading in ("case", "region", "empty") else "right")
+    table = Table(title=f"per-volume metrics ({result.summary['cases']} cases)", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), pad_edge=False)
+    # IoU, sensitivity and precision stay in metrics.csv: the table must fit an 80-column log.
+    longest_id = max((len(row.case_id) for row in result.rows), default=4)
+    table.add_column("case", no_wrap=True, min_width=min(longest_id, 40))
+    table.add_column("region", no_wrap=True)
+    for heading in ("Dice", "HD95mm", "ASSDmm", "pred mL", "true mL"):
+        table.add_column(heading, justify="right", no_wrap=True)
+    table.add_column("empty", overflow="fold")
     for row in result.rows:
         s = row.scores
-        table.add_row(row.case_id, row.region, cell(s.dice), cell(s.iou), cell(s.hd95, 2), cell(s.assd, 2),
+        table.add_row(row.case_id, row.region, cell(s.dice), cell(s.hd95, 2), cell(s.assd, 2),
                       cell(s.pred_ml, 2), cell(s.true_ml, 2), "" if s.empty_rule == NOT_EMPTY else s.empty_rule)
     table.add_section()
     for region, report in result.summary["regions"].items():
         empty_counts = ", ".join(f"{n} {rule}" for rule, n in report["empty"].items() if n)
         for statistic in ("mean", "median"):
             values = {metric: report["metrics"][metric][statistic] for metric in METRICS}
-            table.add_row(statistic, region, cell(values["dice"]), cell(values["iou"]), cell(values["hd95"], 2),
+            table.add_row(statistic, region, cell(values["dice"]), cell(values["hd95"], 2),
                           cell(values["assd"], 2), cell(values["pred_ml"], 2), cell(values["true_ml"], 2),
                           empty_counts if statistic == "mean" else "", style="bold")
     return table

@@ -107,10 +107,12 @@ def test_cli_with_workers_and_json(tmp_path):
 
 
 def test_real_brats_cache_with_label_map(shared_data, tmp_path):
-    summary = build_cache(shared_data / "brats", tmp_path / "cache",
+    (tmp_path / "brats").mkdir()  # one real case keeps the test fast
+    (tmp_path / "brats" / "brats_2013_pat0002_1").symlink_to(shared_data / "brats" / "brats_2013_pat0002_1")
+    summary = build_cache(tmp_path / "brats", tmp_path / "cache",
                           PreprocessParams(size=(48, 48, 32), crop=True, label_map={3: 1}),
                           modalities=BRATS_2013_MAP)
-    assert summary.total == 4
+    assert summary.total == 1
     cache = open_cache(tmp_path / "cache")
     assert cache.label_info["values_original"] == [0, 1, 2, 3, 4]
     assert cache.label_info["scheme_original"] == "brats2013"
@@ -135,3 +137,17 @@ def test_default_dataset_is_built_once_and_reused(tmp_path, monkeypatch):
     assert synthetic.default_dataset("lgg") == path
     assert (path / "manifest.json").stat().st_mtime_ns == mtime
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_default_dataset_two_processes_at_once(tmp_path):
+    script = ("import sys; from mriseg.data import synthetic; "
+              "synthetic.DEFAULT_DATASET['lgg'] = {'cases': 2, 'size': (4, 16, 16), 'seed': 0, "
+              "'preprocess': {'norm': 'zscore'}}; print(synthetic.default_dataset('lgg'))")
+    env = {**os.environ, "MRISEG_HOME": str(tmp_path / "home")}
+    processes = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate() for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs
+    assert outputs[0][0] == outputs[1][0]
+    assert sum("generating" in err for _, err in outputs) == 1  # built once, reused by the other
+    assert len(open_cache(Path(outputs[0][0].strip()))) == 2

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from data_fixtures import BRATS_2013_MAP, make_brats, make_brats2023, make_lgg, make_msd, make_pairs
+from data_fixtures import (BRATS_2013_MAP, make_brats, make_brats2023, make_class_index_pairs, make_lgg, make_msd,
+                           make_pairs)
+from mriseg.data.preprocess import background_values
 from mriseg.data.readers import detect_layout, label_scheme, list_cases, read_case
 from mriseg.errors import BadInputError
 
@@ -84,6 +87,29 @@ def test_pairs_give_2d_cases_with_binary_masks(datasets, name):
     assert set(np.unique(case.label)) == {0, 1}
 
 
+def test_seed_style_multiclass_pairs(tmp_path):
+    root = make_class_index_pairs(tmp_path / "shape", "train_imgs", "train_mask")
+    assert detect_layout(root) == "pairs"
+    case = read_case(list_cases(root)[0])
+    assert case.image.shape == (3, 16, 16) and set(np.unique(case.label)) == {0, 1, 2, 3}
+
+
+def test_camvid_style_train_and_valid_pairs_get_prefixed_ids(tmp_path):
+    make_class_index_pairs(tmp_path / "camvid", "train_images", "train_labels")
+    make_class_index_pairs(tmp_path / "camvid", "valid_images", "valid_labels")
+    ids = [r.case_id for r in list_cases(tmp_path / "camvid")]
+    assert ids == ["train_images-0", "train_images-1", "valid_images-0", "valid_images-1"]
+
+
+def test_colour_coded_masks_are_refused(tmp_path):
+    root = make_pairs(tmp_path / "pairs", count=1)
+    mask = root / "masks" / "shape0.png"
+    Image.fromarray(np.dstack([np.zeros((20, 24), np.uint8), np.full((20, 24), 128, np.uint8),
+                               np.zeros((20, 24), np.uint8)])).save(mask)
+    with pytest.raises(BadInputError, match="colour-coded"):
+        read_case(list_cases(root)[0])
+
+
 def test_single_inputs_for_predict(datasets):
     brats_folder = datasets["brats"] / "BraTS2021_S0001"
     assert read_case(brats_folder).image.shape == (4, 24, 24, 16)
@@ -94,6 +120,17 @@ def test_single_inputs_for_predict(datasets):
     assert four_d.image.shape == (4, 24, 24, 16)
     png = read_case(datasets["pairs"] / "images" / "shape0.png")
     assert png.image.shape == (1, 20, 24) and png.label is None
+
+
+def test_lgg_patient_folder_without_masks_reads_as_unlabelled(datasets, tmp_path):
+    patient = tmp_path / "TCGA_SY_0001_19990101"
+    patient.mkdir()
+    for file in (datasets["lgg"] / patient.name).glob("*.tif"):
+        if not file.name.endswith("_mask.tif"):
+            (patient / file.name).write_bytes(file.read_bytes())
+    assert detect_layout(patient) == "lgg"
+    case = read_case(patient)
+    assert case.image.shape == (3, 12, 32, 32) and case.label is None
 
 
 def test_a_folder_of_several_cases_is_not_one_input(datasets):
@@ -134,3 +171,5 @@ def test_real_lgg_slices(shared_data):
     assert case.header["slice_names"] == [f"TCGA_CS_4942_19970222_{n}.tif" for n in (10, 11, 12)]
     assert set(np.unique(case.label)) == {0, 1}
     assert case.label.sum(axis=(1, 2)).tolist() == [1257, 1539, 1383]  # PROVENANCE.md's 255-valued counts
+    # Its FLAIR plane has 1 in every corner but 0 elsewhere outside the head: no constant background.
+    assert background_values(case.image).tolist() == [0.0, 0.0, 0.0]

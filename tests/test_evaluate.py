@@ -329,3 +329,45 @@ def test_dice_properties(data):
     if forward.hd95 is not None:
         assert forward.hd95 == pytest.approx(backward.hd95)
         assert 0.0 <= forward.assd <= np.sqrt(3 * 25)
+
+
+# --- the truth as a dataset the readers know ---------------------------------------------
+
+def test_lgg_dataset_truth_against_predict_style_slice_masks(tmp_path):
+    patient = "TCGA_XX_0002_20000101"
+    truth_slices = {1: cube((8, 8), (1, 1), 3), 2: cube((8, 8), (2, 2), 4), 10: np.zeros((8, 8), bool)}
+    (tmp_path / "data" / patient).mkdir(parents=True)
+    (tmp_path / "pred" / patient).mkdir(parents=True)
+    (tmp_path / "pred" / "overlays" / patient).mkdir(parents=True)  # predict's pictures, not a case
+    for number, mask in truth_slices.items():
+        image = np.zeros((8, 8, 3), np.uint8)
+        Image.fromarray(image).save(tmp_path / "data" / patient / f"{patient}_{number}.tif")
+        mask_name = f"{patient}_{number}_mask.tif"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "data" / patient / mask_name)
+        predicted = mask if number != 2 else np.zeros_like(mask)
+        Image.fromarray(predicted.astype(np.uint8) * 255).save(tmp_path / "pred" / patient / mask_name)
+    result = evaluate(tmp_path / "pred", tmp_path / "data", tmp_path / "out", strict=True)
+    assert result.summary["scheme"] == "binary"
+    (row,) = result.rows
+    assert row.case_id == patient
+    assert row.scores.dice == pytest.approx(2 * 9 / (9 + 25))  # over the whole patient, slice 2 missed
+
+
+def test_real_brats_case_scored_on_brats_regions(shared_data, tmp_path):
+    case = shared_data / "brats" / "brats_2013_pat0002_1"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / case.name).symlink_to(case)
+    (tmp_path / "pred").mkdir()
+    truth = nib.load(str(case / "OTMultiClass.nii.gz"))
+    labels = np.asarray(truth.dataobj).astype(np.uint8)
+    predicted = np.where(labels == 4, 1, labels)  # enhancing tumour predicted as necrosis
+    # Uncompressed: writing a .nii.gz of this size takes seconds.
+    nib.save(nib.Nifti1Image(predicted, truth.affine, truth.header),
+             str(tmp_path / "pred" / f"{case.name}_seg.nii"))
+    result = evaluate(tmp_path / "pred", tmp_path / "data", tmp_path / "out",
+                      modalities="flair=Flair_subtrMeanDivStd,t1ce=T1c_subtrMeanDivStd,seg=OTMultiClass")
+    dice = {row.region: row.scores for row in result.rows}
+    assert result.summary["scheme"] == "brats"
+    assert dice["WT"].dice == 1.0 and dice["TC"].dice == 1.0
+    assert dice["ET"].empty_rule == PRED_EMPTY and dice["ET"].dice == 0.0
+    assert dice["ET"].true_ml == pytest.approx(8219 / 1000)  # PROVENANCE.md: 8219 voxels of label 4 at 1 mm

@@ -57,7 +57,7 @@ DEFAULT_DATASET = {
     "lgg": {"cases": 16, "size": (20, 128, 128), "seed": 0, "preprocess": {"norm": "zscore", "dtype": "float16"}},
     "brats": {"cases": 8, "size": (64, 64, 48), "seed": 0, "preprocess": {"norm": "zscore", "dtype": "float16"}},
 }
-DEFAULT_DATASET_VERSION = 1
+DEFAULT_DATASET_VERSION = 1  # bump whenever the phantoms or the spec change: the name keys the cache
 
 
 @dataclass
@@ -136,11 +136,12 @@ def _add_tumour(tissue: np.ndarray, grid: tuple[np.ndarray, ...], brain: np.ndar
     shape = tissue.shape
     centre = np.array([rng.uniform(-0.35, 0.35), rng.uniform(-0.45, 0.45), rng.uniform(-0.4, 0.4)])
     centre[2] += np.sign(centre[2] or 1) * 0.1  # off the midline, in one hemisphere
-    radius = rng.uniform(0.15, 0.28)
+    radius = rng.uniform(0.12, 0.24)
     distance = np.sqrt((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) / radius
-    core_r = distance * (1 + 0.18 * _smooth_field(shape, rng, 5))
-    oedema_r = distance * (1 + 0.30 * _smooth_field(shape, rng, 6))
-    oedema_extent = rng.uniform(1.3, 1.8)
+    # exp() keeps the distortion positive: a negative factor would let a lobe run off unbounded.
+    core_r = distance * np.exp(0.15 * _smooth_field(shape, rng, 5))
+    oedema_r = distance * np.exp(0.25 * _smooth_field(shape, rng, 6))
+    oedema_extent = rng.uniform(1.25, 1.7)
     in_brain = brain & (tissue != CSF)
     tissue[(oedema_r < oedema_extent) & in_brain] = OEDEMA
     tissue[(core_r < 1.0) & brain] = ENHANCING
@@ -262,8 +263,8 @@ def default_dataset(layout: str = "lgg") -> Path:
 
     lgg: 16 patients of 20 slices at 128x128 (seed 0), z-scored, float16. brats: 8 cases of
     64x64x48. The cache is ``$MRISEG_HOME/datasets/synthetic-<layout>-v1``, its source files
-    are beside it in ``synthetic-<layout>-v1-raw``. Safe when several processes call it at once: one builds under a lock, into a
-    temporary folder renamed into place; the others wait and reuse it.
+    are beside it in ``synthetic-<layout>-v1-raw``. Safe when several processes call it at once:
+    one builds under a lock, into a temporary folder renamed into place; the others wait and reuse it.
     """
     from mriseg.data.cache import build_cache, open_cache
     from mriseg.data.preprocess import PreprocessParams
