@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from mriseg.errors import MrisegError
+from mriseg.log import info
 
 SPLITS = ("encoder-decoder", "balanced")
 SCHEDULES = ("gpipe", "1f1b")
@@ -60,6 +61,7 @@ class BenchmarkConfig:
     input_size: tuple[int, ...] = (128, 128)
     in_channels: int | None = None  # None: 3 for 2D input (LGG), 4 for 3D input (BraTS)
     out_channels: int = 1
+    features: int | None = None  # the model's width option; None: the model's default
     micro_batches: tuple[int, ...] = (2, 4, 8)
     splits: tuple[str, ...] = SPLITS
     schedules: tuple[str, ...] = SCHEDULES
@@ -144,6 +146,9 @@ def validate(config: BenchmarkConfig, model: nn.Module | None = None) -> None:
         if schedule not in SCHEDULES:
             raise MrisegError(f"unknown schedule {schedule!r}: choose from {', '.join(SCHEDULES)}")
     if model is not None:
+        check_input = getattr(model, "check_input", None)
+        if check_input is not None:  # the registry's models name the sizes that would fit
+            check_input(torch.empty(config.batch_size, config.channels, *config.input_size, device="meta"))
         stages = model_stages(model, config.model)
         if len(config.devices) == 2 and len(stages) < 2:
             raise MrisegError(f"model {config.model!r} has only {len(stages)} stage: nothing to split")
@@ -163,7 +168,8 @@ def model_stages(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
 
 def registry_factory(config: BenchmarkConfig) -> ModelFactory:
     """A picklable factory that builds ``config.model`` from the registry."""
-    return _RegistryModel(config.model, config.channels, config.out_channels, config.spatial_dims)
+    options = {} if config.features is None else {"features": config.features}
+    return _RegistryModel(config.model, config.channels, config.out_channels, config.spatial_dims, options)
 
 
 @dataclass
@@ -172,11 +178,13 @@ class _RegistryModel:
     in_channels: int
     out_channels: int
     spatial_dims: int
+    options: dict[str, Any]
 
     def __call__(self) -> nn.Module:
         from mriseg.models import build_model
 
-        return build_model(self.name, self.in_channels, self.out_channels, spatial_dims=self.spatial_dims)
+        return build_model(self.name, self.in_channels, self.out_channels, spatial_dims=self.spatial_dims,
+                           **self.options)
 
 
 # --- stage groups -----------------------------------------------------------------------------
@@ -404,8 +412,9 @@ def profile_stages(stages: Sequence[tuple[str, nn.Module]], images: torch.Tensor
              "forward_s": statistics.median(run[i][0] for run in measured),
              "backward_s": statistics.median(run[i][1] for run in measured),
              "output_bytes": measured[0][i][2],
-             "saved_activation_bytes": measured[0][i][3]}
-            for i, (name, _) in enumerate(stages)]
+             "saved_activation_bytes": measured[0][i][3],
+             "parameters": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+            for i, (name, module) in enumerate(stages)]
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 5) -> float:
@@ -494,6 +503,10 @@ def _worker(rank: int, job: _Job) -> None:
             result = _gradient_check(rank, job, device)
         else:
             result = _run_all(rank, job, device)
+    except MrisegError as error:
+        (Path(job.folder) / f"rank{rank}.error").write_text(str(error))
+        raise
+    else:
         tmp = Path(job.folder) / f"rank{rank}.pt.tmp"
         torch.save(result, tmp)
         os.replace(tmp, Path(job.folder) / f"rank{rank}.pt")
@@ -648,6 +661,7 @@ def _run_all(rank: int, job: _Job, device: torch.device) -> dict[str, Any]:
     # Per-stage profile at the full batch and at every micro-batch size, on the first device.
     payload: list[Any] = [None]
     if rank == 0:
+        info(f"profiling the stages of {config.model} on {device}")
         model = _fresh_model(job).to(device)
         stages = model_stages(model, config.model)
         images, targets = _make_batch(config, device)
@@ -656,6 +670,7 @@ def _run_all(rank: int, job: _Job, device: torch.device) -> dict[str, Any]:
         profiles = {size: profile_stages(stages, images[:size], targets[:size], device, repeats=3,
                                          autocast_dtype=_autocast_dtype(config))
                     for size in sizes}
+        info("single device")
         single = _run_single(job, device)
         payload = [{"profiles": profiles, "single": single, "cuts": _split_plan(config, profiles[config.batch_size])}]
         boundary = max(sum(r["output_bytes"] for r in profiles[config.batch_size][:1]), 1)
@@ -670,13 +685,19 @@ def _run_all(rank: int, job: _Job, device: torch.device) -> dict[str, Any]:
     if len(config.devices) < 2:
         return result
     for cut in sorted(set(shared["cuts"].values())):
+        if rank == 0:
+            info(f"naive split after stage {cut}")
         result["runs"][(cut, "naive", 1)] = _run_split(rank, job, device, cut, 1, "gpipe")
         for schedule in config.schedules:
             for micro_batches in sorted(set(m for m in config.micro_batches if m > 1)):
+                if rank == 0:
+                    info(f"{schedule} pipeline, {micro_batches} micro-batches, split after stage {cut}")
                 result["runs"][(cut, schedule, micro_batches)] = _run_split(
                     rank, job, device, cut, micro_batches, schedule)
     # Data parallelism needs at least one sample per device.
     if not config.one_process and config.batch_size >= config.world_size:
+        if rank == 0:
+            info("data parallel")
         result["data_parallel"] = _run_data_parallel(rank, job, device)
     return result
 
@@ -706,7 +727,13 @@ def _launch(job: _Job) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
     world_size = job.config.world_size
-    mp.start_processes(_worker, args=(job,), nprocs=world_size, start_method="spawn", join=True)
+    try:
+        mp.start_processes(_worker, args=(job,), nprocs=world_size, start_method="spawn", join=True)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        # A user-fixable problem found inside a worker is reported like any other; the rest are bugs.
+        for error_file in sorted(Path(job.folder).glob("rank*.error")):
+            raise MrisegError(error_file.read_text()) from None
+        raise
     return [torch.load(Path(job.folder) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 
@@ -803,7 +830,10 @@ def _report(config: BenchmarkConfig, ranks: list[dict[str, Any]]) -> dict[str, A
         "memory_kind": peaks_kind,
         "stages": stage_rows,
         "cuts": {split: {"cut": cut, "groups": [names[:cut], names[cut:]],
-                         "work": [sum(r["forward_s"] + r["backward_s"] for r in g) for g in (full[:cut], full[cut:])]}
+                         "work_s": [sum(r["forward_s"] + r["backward_s"] for r in g) for g in (full[:cut], full[cut:])],
+                         "saved_activation_bytes": [sum(r["saved_activation_bytes"] for r in g)
+                                                    for g in (full[:cut], full[cut:])],
+                         "parameters": [sum(r["parameters"] for r in g) for g in (full[:cut], full[cut:])]}
                  for split, cut in cuts.items()},
         "results": entries,
     }
@@ -884,15 +914,27 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
     stages = Table(title=f"Stages of {report['model']}, batch {report['input_shape'][0]} on {report['devices'][0]}")
-    for column in ("stage", "forward ms", "backward ms", "saved for backward MiB", "hands on MiB"):
+    for column in ("stage", "forward ms", "backward ms", "saved for backward MiB", "output MiB"):
         stages.add_column(column, justify="left" if column == "stage" else "right")
     for row in report["stages"]:
         stages.add_row(row["name"], f"{row['forward_s'] * 1000:.1f}", f"{row['backward_s'] * 1000:.1f}",
                        _mib(row["saved_activation_bytes"]), _mib(row["output_bytes"]))
+    cuts = Table(title="Where each split cuts (device 0 | device 1)")
+    for column in ("split", "device 0 stages", "device 1 stages", "compute s", "saved for backward MiB",
+                   "parameters"):
+        cuts.add_column(column)
+    for split, cut in report["cuts"].items():
+        groups = cut["groups"]
+        cuts.add_row(split, f"{groups[0][0]}..{groups[0][-1]}", f"{groups[1][0]}..{groups[1][-1]}",
+                     " | ".join(f"{t:.2f}" for t in cut["work_s"]),
+                     " | ".join(_mib(b) for b in cut["saved_activation_bytes"]),
+                     " | ".join(f"{n:,}" for n in cut["parameters"]))
     results = Table(title=f"{report['model']} {'x'.join(map(str, report['input_shape']))}, "
-                          f"{','.join(report['devices'])} ({report['device_note']})")
-    columns = ("mode", "split", "schedule", "m", "step ms median (p10-p90)", "samples/s", "speed-up",
-               "predicted", "bubble", "sent MiB/step", f"peak MiB per device ({report['memory_kind']})")
+                          f"{','.join(report['devices'])} ({report['device_note']})",
+                    caption=f"step: median (p10-p90) of {report['steps']} steps; predicted: from the stage times; "
+                            f"sent: bytes between devices per step; peak: {report['memory_kind']} per device")
+    columns = ("mode", "split", "schedule", "m", "step ms", "samples/s", "speed-up",
+               "predicted", "bubble", "sent MiB", "peak MiB")
     for column in columns:
         results.add_column(column, justify="left" if column in ("mode", "split", "schedule") else "right")
     for entry in report["results"]:
@@ -906,7 +948,7 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
             "-" if predicted is None else f"{predicted:.2f}x",
             "-" if "bubble_fraction" not in entry else f"{entry['bubble_fraction']:.0%}",
             _mib(entry["bytes_sent_per_step"]), " / ".join(_mib(p) for p in entry["peak_memory_bytes"]))
-    renderables: list[Any] = [stages, results]
+    renderables: list[Any] = [stages, cuts, results]
     projection = report.get("projection")
     if projection:
         table = Table(title=projection["note"])

@@ -200,7 +200,6 @@ def evaluate_command(
 
 # --- benchmark ---------------------------------------------------------------
 
-from pathlib import Path  # noqa: E402  (imported in this section so the command sections merge cleanly)
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
@@ -221,6 +220,7 @@ def benchmark(
     input_size: str = typer.Option("128,128", "--input-size", help="H,W (2D) or H,W,D (3D)."),
     in_channels: Optional[int] = typer.Option(None, "--in-channels", help="Input channels [default: 3 for 2D, 4 for 3D]."),
     out_channels: int = typer.Option(1, "--out-channels", help="Output channels."),
+    features: Optional[int] = typer.Option(None, "--features", help="The model's width [default: the model's]."),
     micro_batches: str = typer.Option("2,4,8", "--micro-batches", help="Micro-batch counts for the pipeline."),
     split: str = typer.Option("encoder-decoder,balanced", "--split", help="Where to cut: encoder-decoder, balanced."),
     schedule: str = typer.Option("gpipe,1f1b", "--schedule", help="Pipeline schedules: gpipe, 1f1b."),
@@ -240,7 +240,7 @@ def benchmark(
     config = BenchmarkConfig(
         model=model, devices=parse_devices(gpus, devices), batch_size=batch_size,
         input_size=_int_list(input_size, "--input-size"), in_channels=in_channels, out_channels=out_channels,
-        micro_batches=_int_list(micro_batches, "--micro-batches"),
+        features=features, micro_batches=_int_list(micro_batches, "--micro-batches"),
         splits=tuple(item.strip() for item in split.split(",")),
         schedules=tuple(item.strip().lower() for item in schedule.split(",")),
         steps=steps, warmup=warmup, amp=amp)
@@ -252,7 +252,8 @@ def benchmark(
         return
     from rich.console import Console
 
-    stdout = Console(highlight=False)
+    # Wide enough for the results table when stdout is a file or a pipe.
+    stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     for renderable in report_tables(report):
         stdout.print(renderable)
 

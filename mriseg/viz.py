@@ -214,8 +214,6 @@ def plot_dice_bars(dice_by_region: dict[str, dict[str, float]], path: Path) -> d
 
 # --- benchmark timeline (benchmark) ------------------------------------------
 
-import os  # noqa: E402  (kept in this section so the sections merge cleanly)
-from pathlib import Path  # noqa: E402
 
 
 def draw_benchmark_timeline(report: dict, path: str | os.PathLike) -> Path:

@@ -128,3 +128,4 @@ def test_cli_bad_arguments_exit_2_with_one_line(arguments):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+

@@ -135,3 +135,17 @@ def test_default_dataset_is_built_once_and_reused(tmp_path, monkeypatch):
     assert synthetic.default_dataset("lgg") == path
     assert (path / "manifest.json").stat().st_mtime_ns == mtime
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_default_dataset_two_processes_at_once(tmp_path):
+    script = ("import sys; from mriseg.data import synthetic; "
+              "synthetic.DEFAULT_DATASET['lgg'] = {'cases': 2, 'size': (4, 16, 16), 'seed': 0, "
+              "'preprocess': {'norm': 'zscore'}}; print(synthetic.default_dataset('lgg'))")
+    env = {**os.environ, "MRISEG_HOME": str(tmp_path / "home")}
+    processes = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate() for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs
+    assert outputs[0][0] == outputs[1][0]
+    assert sum("generating" in err for _, err in outputs) == 1  # built once, reused by the other
+    assert len(open_cache(Path(outputs[0][0].strip()))) == 2

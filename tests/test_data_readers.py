@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import BRATS_2013_MAP, make_brats, make_brats2023, make_lgg, make_msd, make_pairs
+from mriseg.data.preprocess import background_values
 from mriseg.data.readers import detect_layout, label_scheme, list_cases, read_case
 from mriseg.errors import BadInputError
 
@@ -96,6 +97,17 @@ def test_single_inputs_for_predict(datasets):
     assert png.image.shape == (1, 20, 24) and png.label is None
 
 
+def test_lgg_patient_folder_without_masks_reads_as_unlabelled(datasets, tmp_path):
+    patient = tmp_path / "TCGA_SY_0001_19990101"
+    patient.mkdir()
+    for file in (datasets["lgg"] / patient.name).glob("*.tif"):
+        if not file.name.endswith("_mask.tif"):
+            (patient / file.name).write_bytes(file.read_bytes())
+    assert detect_layout(patient) == "lgg"
+    case = read_case(patient)
+    assert case.image.shape == (3, 12, 32, 32) and case.label is None
+
+
 def test_a_folder_of_several_cases_is_not_one_input(datasets):
     with pytest.raises(BadInputError, match="holds 3 cases"):
         read_case(datasets["lgg"])
@@ -134,3 +146,5 @@ def test_real_lgg_slices(shared_data):
     assert case.header["slice_names"] == [f"TCGA_CS_4942_19970222_{n}.tif" for n in (10, 11, 12)]
     assert set(np.unique(case.label)) == {0, 1}
     assert case.label.sum(axis=(1, 2)).tolist() == [1257, 1539, 1383]  # PROVENANCE.md's 255-valued counts
+    # Its FLAIR plane has 1 in every corner but 0 elsewhere outside the head: no constant background.
+    assert background_values(case.image).tolist() == [0.0, 0.0, 0.0]

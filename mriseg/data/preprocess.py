@@ -108,28 +108,52 @@ def resize_nearest(array: np.ndarray, out_shape: Sequence[int], axes: Sequence[i
     """Nearest-neighbour resize of ``array`` along ``axes`` (default: the last ``len(out_shape)`` axes).
 
     Output index ``i`` along an axis of input length ``n`` and output length ``m`` reads
-    input index ``i * n // m``, the formula of the per-voxel loop it replaces. One gather
-    per resized axis, largest reduction first, so later gathers touch less memory.
+    input index ``i * n // m``, the formula of the per-voxel loop it replaces.
+
+    Per-element fancy indexing costs several times a plain copy, so the gather is split:
+    the last two axes form planes, and every output plane is one ``np.take`` of a small
+    flat index (which stays in cache) from one contiguous input plane chosen by the
+    leading axes. Only views are made along the way; the output is written once.
     """
     if axes is None:
         axes = tuple(range(array.ndim - len(out_shape), array.ndim))
-    axes = [a % array.ndim for a in axes]
-    changes = [(axis, size) for axis, size in zip(axes, out_shape) if array.shape[axis] != size]
-    changes.sort(key=lambda change: change[1] / array.shape[change[0]])
-    for axis, size in changes:
-        array = np.take(array, nearest_indices(array.shape[axis], size), axis=axis)
-    return np.ascontiguousarray(array)
+    index = [np.arange(n) for n in array.shape]
+    changed = False
+    for axis, size in zip(axes, out_shape):
+        if array.shape[axis] != size:
+            index[axis % array.ndim] = nearest_indices(array.shape[axis], size)
+            changed = True
+    if not changed:
+        return np.ascontiguousarray(array)
+    if array.ndim == 1:
+        return array[index[0]]
+    source = np.ascontiguousarray(array)
+    height, width = source.shape[-2:]
+    plane_index = (index[-2][:, None] * width + index[-1][None, :]).ravel()
+    out = np.empty(tuple(len(i) for i in index), dtype=source.dtype)
+    out_planes = out.reshape(-1, plane_index.size)
+    source_planes = source.reshape(-1, height * width)
+    leading = np.ravel_multi_index(np.ix_(*index[:-2]), source.shape[:-2]).ravel() if source.ndim > 2 else [0]
+    for row, source_row in enumerate(leading):
+        np.take(source_planes[source_row], plane_index, out=out_planes[row], mode="wrap")  # in range: no check needed
+    return out
 
 
 def background_values(image: np.ndarray) -> np.ndarray:
-    """Per-channel background: the value held by most corners when that is a majority, else 0."""
+    """Per-channel background value: 0, unless most corners hold one constant that is also the
+    channel's minimum (the real BraTS 2013 cases: a negative constant outside the brain).
+
+    The minimum condition keeps noisy backgrounds at 0: a kaggle_3m FLAIR plane has 1 in its
+    corners but 0 elsewhere outside the head, so it has no constant background.
+    """
     corner_index = np.ix_(*[[0, n - 1] for n in image.shape[1:]])
     values = []
     for channel in image:
         corners = channel[corner_index].ravel()
         candidates, counts = np.unique(corners, return_counts=True)
         best = int(np.argmax(counts))
-        values.append(float(candidates[best]) if counts[best] * 2 > corners.size else 0.0)
+        majority = counts[best] * 2 > corners.size
+        values.append(float(candidates[best]) if majority and candidates[best] == channel.min() else 0.0)
     return np.asarray(values, dtype=np.float32)
 
 

@@ -133,7 +133,12 @@ def parse_modalities(spec: str | dict[str, str] | None) -> dict[str, str] | None
 
 
 def _lgg_patient_files(folder: Path) -> bool:
-    return any(LGG_MASK.match(p.name) for p in folder.iterdir() if p.is_file())
+    """A kaggle_3m patient folder: slice masks, or (without masks, for predict) slices named after the folder."""
+    for file in folder.iterdir():
+        match = LGG_MASK.match(file.name) or LGG_SLICE.match(file.name)
+        if match and file.is_file() and (file.name.endswith("_mask.tif") or match["patient"] == folder.name):
+            return True
+    return False
 
 
 def _nifti_files(folder: Path) -> list[Path]:

@@ -136,11 +136,12 @@ def _add_tumour(tissue: np.ndarray, grid: tuple[np.ndarray, ...], brain: np.ndar
     shape = tissue.shape
     centre = np.array([rng.uniform(-0.35, 0.35), rng.uniform(-0.45, 0.45), rng.uniform(-0.4, 0.4)])
     centre[2] += np.sign(centre[2] or 1) * 0.1  # off the midline, in one hemisphere
-    radius = rng.uniform(0.15, 0.28)
+    radius = rng.uniform(0.12, 0.24)
     distance = np.sqrt((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) / radius
-    core_r = distance * (1 + 0.18 * _smooth_field(shape, rng, 5))
-    oedema_r = distance * (1 + 0.30 * _smooth_field(shape, rng, 6))
-    oedema_extent = rng.uniform(1.3, 1.8)
+    # exp() keeps the distortion positive: a negative factor would let a lobe run off unbounded.
+    core_r = distance * np.exp(0.15 * _smooth_field(shape, rng, 5))
+    oedema_r = distance * np.exp(0.25 * _smooth_field(shape, rng, 6))
+    oedema_extent = rng.uniform(1.25, 1.7)
     in_brain = brain & (tissue != CSF)
     tissue[(oedema_r < oedema_extent) & in_brain] = OEDEMA
     tissue[(core_r < 1.0) & brain] = ENHANCING
