@@ -658,19 +658,23 @@ def results_table(result: EvaluationResult) -> Any:
     table.add_column("region", no_wrap=True)
     for heading in ("Dice", "HD95mm", "ASSDmm", "pred mL", "true mL"):
         table.add_column(heading, justify="right", no_wrap=True)
-    table.add_column("empty", overflow="fold")
+    any_empty = any(row.scores.empty_rule != NOT_EMPTY for row in result.rows)
+    if any_empty:
+        table.add_column("empty", overflow="fold")
     for row in result.rows:
         s = row.scores
+        note = ["" if s.empty_rule == NOT_EMPTY else s.empty_rule] if any_empty else []
         table.add_row(row.case_id, row.region, cell(s.dice), cell(s.hd95, 2), cell(s.assd, 2),
-                      cell(s.pred_ml, 2), cell(s.true_ml, 2), "" if s.empty_rule == NOT_EMPTY else s.empty_rule)
+                      cell(s.pred_ml, 2), cell(s.true_ml, 2), *note)
     table.add_section()
     for region, report in result.summary["regions"].items():
-        empty_counts = ", ".join(f"{n} {rule}" for rule, n in report["empty"].items() if n)
+        counts = ", ".join(f"{n} {rule}" for rule, n in report["empty"].items() if n)
         for statistic in ("mean", "median"):
             values = {metric: report["metrics"][metric][statistic] for metric in METRICS}
+            note = [counts if statistic == "mean" else ""] if any_empty else []
             table.add_row(statistic, region, cell(values["dice"]), cell(values["hd95"], 2),
                           cell(values["assd"], 2), cell(values["pred_ml"], 2), cell(values["true_ml"], 2),
-                          empty_counts if statistic == "mean" else "", style="bold")
+                          *note, style="bold")
     return table
 
 
