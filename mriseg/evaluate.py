@@ -217,7 +217,7 @@ class MaskVolume:
 
     def __post_init__(self) -> None:
         if self.labels.dtype.kind == "u" and self.labels.itemsize <= 2:
-            # A histogram avoids np.unique's sort (0.35 s against 0.61 s on a 240x240x155 volume).
+            # A histogram avoids np.unique's sort of the whole volume.
             self.values = np.flatnonzero(np.bincount(self.labels.ravel()))
         else:
             self.values = np.unique(self.labels)
