@@ -300,14 +300,27 @@ def _percentiles(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(ordered), "p10": at(0.1), "p90": at(0.9)}
 
 
+def _release_free_memory() -> None:
+    """Give memory that glibc holds free back to the system, so a new configuration starts clean."""
+    import ctypes
+    import ctypes.util
+
+    library = ctypes.util.find_library("c")
+    if library:
+        trim = getattr(ctypes.CDLL(library), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
 class _MemoryMeter:
     """Peak memory of this process's device while a configuration runs.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (tensor bytes held by the caching allocator's users).
     CPU: growth of the process's peak resident set (Linux VmHWM, reset through
-    /proc/self/clear_refs) over its size when the meter started; it counts
-    activations, gradients and communication buffers, and misses memory the C
-    allocator kept from an earlier configuration.
+    /proc/self/clear_refs) over its size when the meter started: activations,
+    gradients and communication buffers. The workers run with glibc's mmap
+    threshold fixed at 1 MiB (see ``_launch``) so that freed tensors leave the
+    resident set and each configuration starts from what it really holds.
     """
 
     def __init__(self, device: torch.device):
@@ -330,6 +343,7 @@ class _MemoryMeter:
             self.baseline = 0
         elif self.supported:
             try:
+                _release_free_memory()
                 Path("/proc/self/clear_refs").write_text("5")
                 self.baseline = self._status_kib("VmRSS")
             except OSError:
@@ -549,12 +563,18 @@ def _build_schedule(config: BenchmarkConfig, rank: int, groups: list[tuple[int, 
     return kind(stages, micro_batches, loss_fn=_loss_fn), stages
 
 
-def _timed_steps(config: BenchmarkConfig, device: torch.device, step: Callable[[], None]) -> list[float]:
-    """Run warm-up then timed steps, each started together on all ranks; seconds per step on this rank."""
+def _timed_steps(config: BenchmarkConfig, device: torch.device, step: Callable[[], None],
+                 meter: _MemoryMeter) -> list[float]:
+    """Run warm-up then timed steps, each started together on all ranks; seconds per step on this rank.
+
+    The memory meter starts after the warm-up, so one-time set-up is not counted as a step's memory.
+    """
     import torch.distributed as dist
 
     times = []
     for index in range(config.warmup + config.steps):
+        if index == config.warmup:
+            meter.start()
         dist.barrier()
         start = time.perf_counter()
         step()
@@ -579,8 +599,7 @@ def _run_single(job: _Job, device: torch.device) -> dict[str, Any]:
         optimizer.step()
 
     meter = _MemoryMeter(device)
-    meter.start()
-    times = _timed_steps(config, device, step)
+    times = _timed_steps(config, device, step, meter)
     return {"times": times, "peak": meter.peak(), "memory_kind": meter.kind}
 
 
@@ -601,8 +620,7 @@ def _run_split(rank: int, job: _Job, device: torch.device, cut: int, micro_batch
         optimizer.step()
 
     meter = _MemoryMeter(device)
-    meter.start()
-    times = _timed_steps(config, device, step)
+    times = _timed_steps(config, device, step, meter)
     peak = meter.peak()
     # One more step, recorded: the timeline and the bytes sent.
     for stage in stages:
@@ -637,8 +655,7 @@ def _run_data_parallel(rank: int, job: _Job, device: torch.device) -> dict[str, 
         optimizer.step()
 
     meter = _MemoryMeter(device)
-    meter.start()
-    times = _timed_steps(config, device, step)
+    times = _timed_steps(config, device, step, meter)
     gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return {"times": times, "peak": meter.peak(), "memory_kind": meter.kind, "allreduce_bytes": gradient_bytes}
 
@@ -722,11 +739,19 @@ def _gradient_check(rank: int, job: _Job, device: torch.device) -> dict[str, Any
     return {"losses": [loss.detach().cpu() for loss in losses], "gradients": gradients}
 
 
+_MALLOC_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
+
+
 def _launch(job: _Job) -> list[dict[str, Any]]:
     """Start one process per rank and collect what each one saved."""
     import torch.multiprocessing as mp
 
     world_size = job.config.world_size
+    # glibc keeps freed memory below a threshold it raises up to 32 MiB, so a CPU process's resident set
+    # would not fall when tensors are freed; a fixed 1 MiB threshold returns every large tensor to the
+    # system, which makes peak RSS growth track peak tensor memory. Read once at the workers' start.
+    previous = os.environ.get(_MALLOC_THRESHOLD)
+    os.environ[_MALLOC_THRESHOLD] = str(2**20)
     try:
         mp.start_processes(_worker, args=(job,), nprocs=world_size, start_method="spawn", join=True)
     except (mp.ProcessRaisedException, mp.ProcessExitedException):
@@ -734,6 +759,11 @@ def _launch(job: _Job) -> list[dict[str, Any]]:
         for error_file in sorted(Path(job.folder).glob("rank*.error")):
             raise MrisegError(error_file.read_text()) from None
         raise
+    finally:
+        if previous is None:
+            del os.environ[_MALLOC_THRESHOLD]
+        else:
+            os.environ[_MALLOC_THRESHOLD] = previous
     return [torch.load(Path(job.folder) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 

@@ -8,6 +8,7 @@ become one line on stderr and exit code 2, unless ``--debug`` is given.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -146,6 +147,117 @@ def models_command(
     Console().print(table)
 
 # --- train -------------------------------------------------------------------
+
+
+def _numbers(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
+    """``"128,128,64"`` (or ``128x128x64``) -> a tuple of ints."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise MrisegError(f"{option} takes numbers separated by commas, got {text!r}") from None
+
+
+def _model_options(text: Optional[str]) -> dict[str, Any]:
+    """``--model-options '{"features": 16}'`` or ``features=16,variant=buda``."""
+    if not text:
+        return {}
+    if text.lstrip().startswith("{"):
+        try:
+            return dict(json.loads(text))
+        except (ValueError, TypeError) as error:
+            raise MrisegError(f"--model-options is not a JSON object: {error}") from None
+    options: dict[str, Any] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value.strip()
+    return options
+
+
+@app.command("train")
+def train_command(
+    data: Optional[str] = typer.Argument(None, help="Preprocess cache or raw dataset; none: the embedded "
+                                                    "synthetic LGG-layout default."),
+    model: Optional[str] = typer.Option(None, "--model", help="Network name (mriseg models lists them). (default: unet)"),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder. (default: runs/<model>-<timestamp>, "
+                                                          "with runs/latest pointing at it)"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or runs/latest) from last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    model_options: Optional[str] = typer.Option(None, "--model-options",
+                                                help="Model options: JSON or key=value,... e.g. features=16."),
+    dims: Optional[int] = typer.Option(None, "--dims", help="2: slices of volumes; 3: patches. (default: 2)"),
+    task: Optional[str] = typer.Option(None, "--task", help="auto, binary, multiclass or regions. (default: auto)"),
+    ignore_index: Optional[int] = typer.Option(None, "--ignore-index", help="Label ignored by multi-class losses. (default: 255)"),
+    loss: Optional[str] = typer.Option(None, "--loss", help="dice, bce, bce-dice, soft-iou, ce, dice-ce, focal, "
+                                                            "border-ce. (default: dice)"),
+    bce_weight: Optional[float] = typer.Option(None, "--bce-weight", help="BCE share of bce-dice. (default: 0.5)"),
+    augment: Optional[str] = typer.Option(None, "--augment", help="default, none, or e.g. flip,rotate=15,scale=0.05,"
+                                                                  "elastic=4,intensity. (default: default)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="(default: 50)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per process. (default: 16)"),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch",
+                                                  help="(default: 2D: training slices / batch; 3D: 8 patches per case)"),
+    patch_size: Optional[str] = typer.Option(None, "--patch-size", help="3D patch, e.g. 128,128,128."),
+    uniform_share: Optional[float] = typer.Option(None, "--uniform-share",
+                                                  help="2D: share of slice draws made uniformly. (default: 0.1)"),
+    foreground_share: Optional[float] = typer.Option(None, "--foreground-share",
+                                                     help="3D: share of patches centred on tumour. (default: 0.33)"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw or sgd. (default: adam)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="(default: 1e-3)"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="(default: 0)"),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum. (default: 0.9)"),
+    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="SGD with Nesterov momentum."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="plateau, step, cosine, poly or constant. "
+                                                                    "(default: plateau)"),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up. (default: 0)"),
+    lr_patience: Optional[int] = typer.Option(None, "--lr-patience", help="Plateau epochs before the lr drops. (default: 3)"),
+    lr_factor: Optional[float] = typer.Option(None, "--lr-factor", help="Plateau lr factor. (default: 0.5)"),
+    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Early stop after this many epochs without a "
+                                                                    "better val Dice; 0 = never. (default: 10)"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of patients for validation. "
+                                                                              "(default: 0.2)"),
+    split: Optional[str] = typer.Option(None, "--split", help='JSON file {"train": [ids], "val": [ids]}.'),
+    folds: Optional[int] = typer.Option(None, "--folds", help="K-fold cross-validation by patient."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Which fold validates (0..K-1). (default: 0)"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. (default: auto)"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision: bf16, or fp16 with a grad "
+                                                                    "scaler where bf16 is missing."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                 help="Channels-last memory format."),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers. (default: 0 on CPU, 4 on CUDA)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="(default: 0)"),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between log lines. (default: 10)"),
+    size: Optional[str] = typer.Option(None, "--size", help="Raw DATA only: preprocess to this size, e.g. 128,128."),
+    modalities: Optional[str] = typer.Option(None, "--modalities",
+                                             help="Raw DATA only: name map, e.g. flair=Flair,t1ce=T1c,seg=OT."),
+    as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
+) -> None:
+    """Train a segmentation network; writes a run folder with checkpoints, metrics and curves."""
+    from mriseg.train import train
+
+    settings = {
+        "model_options": _model_options(model_options), "spatial_dims": dims, "task": task,
+        "ignore_index": ignore_index, "loss": loss, "bce_weight": bce_weight, "augment": augment, "epochs": epochs,
+        "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
+        "patch_size": _numbers(patch_size, "--patch-size"), "uniform_share": uniform_share,
+        "foreground_share": foreground_share, "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay,
+        "momentum": momentum, "nesterov": nesterov, "schedule": schedule, "warmup_epochs": warmup_epochs,
+        "lr_patience": lr_patience, "lr_factor": lr_factor, "clip_grad": clip_grad, "patience": patience,
+        "val_fraction": val_fraction, "split": split, "folds": folds, "fold": fold, "device": device, "amp": amp,
+        "channels_last": channels_last, "compile": compile_model, "workers": workers, "seed": seed,
+        "log_every": log_every, "size": _numbers(size, "--size"), "modalities": modalities,
+    }
+    given = {key: value for key, value in settings.items() if value is not None and value != {}}
+    summary = train(data, model=model, out=out, resume=resume, overwrite=overwrite, **given)
+    if as_json and os.environ.get("RANK", "0") == "0":
+        print_json(summary)
+
 
 # --- predict -----------------------------------------------------------------
 

@@ -212,6 +212,45 @@ def plot_dice_bars(dice_by_region: dict[str, dict[str, float]], path: Path) -> d
 
 # --- training curves (train) -------------------------------------------------
 
+
+def plot_training_curves(records: list[dict], path: str | Path) -> Path:
+    """Write ``curves.png``: loss per step and per epoch (left), validation Dice per epoch (right).
+
+    ``records`` are the lines of a run's metrics.jsonl (``kind`` step or epoch). Written to a
+    temporary name and renamed, so a reader never sees half a picture.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if r.get("kind") == "step"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    if steps:
+        loss_axis.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="0.75", lw=0.8,
+                       label="train loss (step)")
+    if epochs:
+        at = [r["step"] for r in epochs]
+        loss_axis.plot(at, [r["train_loss"] for r in epochs], "o-", label="train loss (epoch)")
+        loss_axis.plot(at, [r["val_loss"] for r in epochs], "s-", label="val loss")
+        numbers = [r["epoch"] for r in epochs]
+        dice_axis.plot(numbers, [r["val_dice_mean"] for r in epochs], "o-", label="mean")
+        dice_axis.plot(numbers, [r["val_dice_median"] for r in epochs], "s--", label="median")
+    loss_axis.set(xlabel="step", ylabel="loss", title="loss")
+    dice_axis.set(xlabel="epoch", ylabel="per-volume Dice", title="validation Dice", ylim=(0, 1))
+    for axis in (loss_axis, dice_axis):
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
 # --- benchmark timeline (benchmark) ------------------------------------------
 
 

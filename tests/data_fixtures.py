@@ -75,3 +75,16 @@ def make_pairs(root: Path, count: int = 3, flat: bool = False) -> Path:
         Image.fromarray(image).save(image_dir / f"shape{i}.png")
         Image.fromarray(mask).save(mask_dir / (f"shape{i}_mask.png" if flat else f"shape{i}.png"))
     return root
+
+
+def make_class_index_pairs(root: Path, image_folder: str, mask_folder: str, count: int = 2) -> Path:
+    """The seeds' style: RGB images, masks holding a class index (0-3) in every channel of an RGB PNG."""
+    rng = np.random.default_rng(4)
+    (root / image_folder).mkdir(parents=True, exist_ok=True)
+    (root / mask_folder).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / image_folder / f"{i}.png")
+        classes = np.zeros((16, 16), dtype=np.uint8)
+        classes[2:6, 2:6], classes[8:12, 3:9], classes[10:14, 10:14] = 1, 2, 3
+        Image.fromarray(np.repeat(classes[..., None], 3, axis=-1)).save(root / mask_folder / f"{i}.png")
+    return root

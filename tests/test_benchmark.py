@@ -129,3 +129,13 @@ def test_cli_bad_arguments_exit_2_with_one_line(arguments):
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
+
+def test_cli_runs_a_registry_model_and_prints_json():
+    result = subprocess.run([sys.executable, "-m", "mriseg", "benchmark", "--model", "unet", "--features", "4",
+                             "--devices", "cpu,cpu", "--input-size", "32,32", "--batch-size", "2",
+                             "--micro-batches", "2", "--schedule", "1f1b", "--split", "encoder-decoder",
+                             "--steps", "1", "--warmup", "0", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [e["mode"] for e in report["results"]] == ["single", "naive split", "pipelined", "data parallel"]
+    assert report["cuts"]["encoder-decoder"]["groups"][1][0].startswith("dec")

@@ -107,10 +107,12 @@ def test_cli_with_workers_and_json(tmp_path):
 
 
 def test_real_brats_cache_with_label_map(shared_data, tmp_path):
-    summary = build_cache(shared_data / "brats", tmp_path / "cache",
+    (tmp_path / "brats").mkdir()  # one real case keeps the test fast
+    (tmp_path / "brats" / "brats_2013_pat0002_1").symlink_to(shared_data / "brats" / "brats_2013_pat0002_1")
+    summary = build_cache(tmp_path / "brats", tmp_path / "cache",
                           PreprocessParams(size=(48, 48, 32), crop=True, label_map={3: 1}),
                           modalities=BRATS_2013_MAP)
-    assert summary.total == 4
+    assert summary.total == 1
     cache = open_cache(tmp_path / "cache")
     assert cache.label_info["values_original"] == [0, 1, 2, 3, 4]
     assert cache.label_info["scheme_original"] == "brats2013"

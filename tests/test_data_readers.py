@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from data_fixtures import BRATS_2013_MAP, make_brats, make_brats2023, make_lgg, make_msd, make_pairs
+from data_fixtures import (BRATS_2013_MAP, make_brats, make_brats2023, make_class_index_pairs, make_lgg, make_msd,
+                           make_pairs)
 from mriseg.data.preprocess import background_values
 from mriseg.data.readers import detect_layout, label_scheme, list_cases, read_case
 from mriseg.errors import BadInputError
@@ -83,6 +85,29 @@ def test_pairs_give_2d_cases_with_binary_masks(datasets, name):
     case = read_case(refs[1])
     assert case.image.shape == (1, 20, 24) and case.slice_axis is None
     assert set(np.unique(case.label)) == {0, 1}
+
+
+def test_seed_style_multiclass_pairs(tmp_path):
+    root = make_class_index_pairs(tmp_path / "shape", "train_imgs", "train_mask")
+    assert detect_layout(root) == "pairs"
+    case = read_case(list_cases(root)[0])
+    assert case.image.shape == (3, 16, 16) and set(np.unique(case.label)) == {0, 1, 2, 3}
+
+
+def test_camvid_style_train_and_valid_pairs_get_prefixed_ids(tmp_path):
+    make_class_index_pairs(tmp_path / "camvid", "train_images", "train_labels")
+    make_class_index_pairs(tmp_path / "camvid", "valid_images", "valid_labels")
+    ids = [r.case_id for r in list_cases(tmp_path / "camvid")]
+    assert ids == ["train_images-0", "train_images-1", "valid_images-0", "valid_images-1"]
+
+
+def test_colour_coded_masks_are_refused(tmp_path):
+    root = make_pairs(tmp_path / "pairs", count=1)
+    mask = root / "masks" / "shape0.png"
+    Image.fromarray(np.dstack([np.zeros((20, 24), np.uint8), np.full((20, 24), 128, np.uint8),
+                               np.zeros((20, 24), np.uint8)])).save(mask)
+    with pytest.raises(BadInputError, match="colour-coded"):
+        read_case(list_cases(root)[0])
 
 
 def test_single_inputs_for_predict(datasets):

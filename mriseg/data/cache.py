@@ -144,6 +144,8 @@ def build_cache(source: str | Path, out: str | Path, params: PreprocessParams, l
                                   f"({json.dumps(previous['params'])}, layout {previous.get('layout')}); "
                                   "pass --force to rebuild it")
             previous = None
+    elif out.exists() and not out.is_dir():
+        raise BadInputError(out, "exists and is not a folder; choose a new folder for the cache")
     elif out.exists() and any(out.iterdir()):
         raise MrisegError(f"{out}: exists and is not an mriseg cache; choose an empty or new folder")
     cases_dir = out / "cases"
@@ -199,6 +201,10 @@ def build_cache(source: str | Path, out: str | Path, params: PreprocessParams, l
     if not records:
         raise MrisegError(f"{source}: no case could be preprocessed ({len(summary.bad)} bad)")
     _check_consistent(records, refs)
+    shapes = {tuple(r["shape"]) for r in records.values()}
+    if len(shapes) > 1 and params.size is None:
+        log.warn(f"the cases have {len(shapes)} different shapes; models trained on whole images in "
+                 "batches need one size (--size)")
     save_manifest(complete=True)
     if summary.bad:
         log.warn(f"skipped {len(summary.bad)} bad case(s): " + ", ".join(b["case"] for b in summary.bad))
@@ -211,7 +217,8 @@ def _unchanged(record: dict, ref: CaseRef, cases_dir: Path) -> bool:
     except BadInputError:
         return False
     folder = cases_dir / ref.case_id
-    files_present = (folder / "image.npy").is_file() and (not record.get("has_label") or (folder / "label.npy").is_file())
+    label_present = not record.get("has_label") or (folder / "label.npy").is_file()
+    files_present = (folder / "image.npy").is_file() and label_present
     return same_sources and files_present
 
 

@@ -9,8 +9,9 @@ Layouts (see ``docs/data-formats.md``):
   ``--modalities`` name map such as ``flair=Flair_subtrMeanDivStd,seg=OTMultiClass``.
 * ``msd``: Medical Segmentation Decathlon / nnU-Net raw: ``imagesTr/`` + ``labelsTr/``,
   4D NIfTI or ``_0000``-suffixed channel files, ``dataset.json`` for channel and label names.
-* ``pairs``: image/mask files (PNG, TIF, NIfTI) matched by name: ``images/`` + ``masks/``
-  (or ``labels/``) folders with equal stems, or ``<stem>`` + ``<stem>_mask`` in one folder.
+* ``pairs``: image/mask files (PNG, TIF, NIfTI) matched by name: sibling folders such as
+  ``images/`` + ``masks/``, ``train_imgs/`` + ``train_mask/`` or ``train_images/`` + ``train_labels/``
+  with equal stems, or ``<stem>`` + ``<stem>_mask`` in one folder.
 
 Listing (:func:`list_cases`) only looks at file names; :func:`read_case` reads pixels.
 Every failure while reading a file becomes a :class:`~mriseg.errors.BadInputError`
@@ -105,13 +106,31 @@ def _is_2d_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_2D_SUFFIXES
 
 
+def _entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` not starting with a dot (MSD tarballs carry macOS ``._`` files)."""
+    try:
+        entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    except OSError as error:
+        raise BadInputError(folder, f"cannot list folder ({error.strerror})") from error
+    for entry in entries:
+        if entry.is_symlink() and not entry.exists() and (_is_nifti(entry) or _is_2d_image(entry)):
+            raise BadInputError(entry, "is a symbolic link that points nowhere or to itself")
+    return entries
+
+
 def _visible_files(folder: Path) -> list[Path]:
-    """Files in ``folder`` not starting with a dot (MSD tarballs carry macOS ``._`` files)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return sorted(p for p in _entries(folder) if p.is_file())
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in _entries(folder) if p.is_dir())
+
+
+def _require_existing(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise BadInputError(path, "is a symbolic link that points nowhere or to itself")
+    if not path.exists():
+        raise BadInputError(path, "no such file or folder")
 
 
 def parse_modalities(spec: str | dict[str, str] | None) -> dict[str, str] | None:
@@ -134,15 +153,40 @@ def parse_modalities(spec: str | dict[str, str] | None) -> dict[str, str] | None
 
 def _lgg_patient_files(folder: Path) -> bool:
     """A kaggle_3m patient folder: slice masks, or (without masks, for predict) slices named after the folder."""
-    for file in folder.iterdir():
+    for file in _visible_files(folder):
         match = LGG_MASK.match(file.name) or LGG_SLICE.match(file.name)
-        if match and file.is_file() and (file.name.endswith("_mask.tif") or match["patient"] == folder.name):
+        if match and (file.name.endswith("_mask.tif") or match["patient"] == folder.name):
             return True
     return False
 
 
 def _nifti_files(folder: Path) -> list[Path]:
     return [p for p in _visible_files(folder) if _is_nifti(p)]
+
+
+IMAGE_FOLDER_WORDS = re.compile(r"images|imgs|image|img")
+MASK_FOLDER_WORDS = re.compile(r"masks|mask|labels|label|segmentations|segs|seg")
+
+
+def _folder_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """Sibling image and mask folders whose names differ only in those words.
+
+    ``images`` + ``masks``, ``train_imgs`` + ``train_mask`` (the seeds' shapes data),
+    ``train_images`` + ``train_labels`` (CamVid), ...; MSD's ``imagesTr`` is left to the msd layout.
+    """
+    folders = [d for d in _visible_dirs(root) if d.name not in ("imagesTr", "imagesTs", "labelsTr")]
+    masks = {}
+    for folder in folders:
+        if MASK_FOLDER_WORDS.search(folder.name.lower()):
+            masks.setdefault(MASK_FOLDER_WORDS.sub("*", folder.name.lower()), folder)
+    pairs = []
+    for folder in folders:
+        name = folder.name.lower()
+        if IMAGE_FOLDER_WORDS.search(name) and not MASK_FOLDER_WORDS.search(name):
+            key = IMAGE_FOLDER_WORDS.sub("*", name)
+            if key in masks:
+                pairs.append((folder, masks[key]))
+    return pairs
 
 
 def _pair_candidates(folder: Path) -> bool:
@@ -158,15 +202,14 @@ def detect_layout(path: str | Path) -> str:
         BadInputError: the path does not exist or matches no layout.
     """
     path = Path(path)
-    if not path.exists():
-        raise BadInputError(path, "no such file or folder")
+    _require_existing(path)
     if path.is_file():
         raise BadInputError(path, "is a file; a dataset is a folder (see docs/data-formats.md)")
     subdirs = _visible_dirs(path)
     names = {d.name for d in subdirs}
     if "imagesTr" in names:
         return "msd"
-    if {"images"} <= names and names & {"masks", "labels"}:
+    if _folder_pairs(path):
         return "pairs"
     if _lgg_patient_files(path) or any(_lgg_patient_files(d) for d in subdirs):
         return "lgg"
@@ -282,6 +325,8 @@ def _list_msd(root: Path) -> list[CaseRef]:
         stem = _strip_suffix(file.name)[0]
         match = NNUNET_CHANNEL.match(stem)
         case_id, channel = (match["case"], int(match["channel"])) if match else (stem, -1)
+        if channel in groups.get(case_id, {}):
+            raise BadInputError(file, f"case {case_id} is also given by {groups[case_id][channel].name}")
         groups.setdefault(case_id, {})[channel] = file
     refs = []
     for case_id, channels in sorted(groups.items()):
@@ -298,26 +343,33 @@ def _list_msd(root: Path) -> list[CaseRef]:
     return refs
 
 
-def _list_pairs(root: Path) -> list[CaseRef]:
+def _list_pair_folder(images: Path, masks: Path, id_prefix: str) -> list[CaseRef]:
+    by_stem = {}
+    for path in _visible_files(masks):
+        stem = _strip_suffix(path.name)[0]
+        by_stem[stem] = path
+        for suffix in MASK_SUFFIXES:  # images/a.png with masks/a_mask.png
+            if stem.endswith(suffix):
+                by_stem.setdefault(stem[: -len(suffix)], path)
     refs = []
-    names = {d.name for d in _visible_dirs(root)}
-    if "images" in names and names & {"masks", "labels"}:
-        mask_dir = root / ("masks" if "masks" in names else "labels")
-        masks = {}
-        for p in _visible_files(mask_dir):
-            stem = _strip_suffix(p.name)[0]
-            masks[stem] = p
-            for suffix in MASK_SUFFIXES:  # images/a.png with masks/a_mask.png
-                if stem.endswith(suffix):
-                    masks.setdefault(stem[: -len(suffix)], p)
-        for image in _visible_files(root / "images"):
-            stem = _strip_suffix(image.name)[0]
-            if _is_nifti(image) or _is_2d_image(image):
-                refs.append(CaseRef(case_id=stem, layout="pairs", image_paths=(image,),
-                                    label_paths=(masks[stem],) if stem in masks else ()))
-        return refs
+    for image in _visible_files(images):
+        stem = _strip_suffix(image.name)[0]
+        if _is_nifti(image) or _is_2d_image(image):
+            refs.append(CaseRef(case_id=id_prefix + stem, layout="pairs", image_paths=(image,),
+                                label_paths=(by_stem[stem],) if stem in by_stem else ()))
+    return refs
+
+
+def _list_pairs(root: Path) -> list[CaseRef]:
+    folder_pairs = _folder_pairs(root)
+    if folder_pairs:
+        # Several pairs (train_images + train_labels, val_images + val_labels): ids get the folder name.
+        several = len(folder_pairs) > 1
+        return [ref for images, masks in folder_pairs
+                for ref in _list_pair_folder(images, masks, f"{images.name}-" if several else "")]
     files = {_strip_suffix(p.name)[0]: p for p in _visible_files(root) if _is_nifti(p) or _is_2d_image(p)}
     mask_stems = {s for s in files if s.endswith(MASK_SUFFIXES) and s.rsplit("_", 1)[0] in files}
+    refs = []
     for stem, image in sorted(files.items()):
         if stem in mask_stems:
             continue
@@ -340,8 +392,7 @@ def list_cases(path: str | Path, layout: str | None = None,
         BadInputError: missing path, unknown layout, or no cases found.
     """
     path = Path(path)
-    if not path.exists():
-        raise BadInputError(path, "no such file or folder")
+    _require_existing(path)
     if not path.is_dir():
         raise BadInputError(path, "is a file; a dataset is a folder")
     layout = layout or detect_layout(path)
@@ -405,8 +456,11 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a NIfTI file: (array in nibabel's voxel order, affine, header geometry)."""
     import nibabel as nib
 
+    _check_readable(path)
     try:
-        image = nib.load(str(path))
+        with nib.imageglobals.LoggingOutputSuppressor():  # its header fixes are reported once, below
+            image = nib.load(str(path))
+        _check_voxel_sizes(path, type(image.header))
         array = np.asanyarray(image.dataobj)
         header = image.header
         geometry = {
@@ -420,6 +474,35 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     except Exception as error:  # nibabel, gzip, zlib and OS errors alike: the file is unusable
         raise BadInputError(path, f"cannot read NIfTI ({type(error).__name__}: {error})") from error
     return array, affine, geometry
+
+
+def _check_readable(path: Path) -> None:
+    """Name the OS's reason (permission, a folder, ...) that nibabel's own message hides."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise BadInputError(path, f"cannot open ({error.strerror})") from error
+
+
+def _check_voxel_sizes(path: Path, header_class: type) -> None:
+    """Refuse zero or non-finite voxel sizes, which nibabel would silently replace by 1 mm.
+
+    Negative sizes break the standard too, but their meaning is clear (nibabel, like ITK,
+    takes the absolute value), so they are accepted with a warning.
+    """
+    import nibabel as nib
+
+    with nib.openers.ImageOpener(str(path)) as stream:
+        raw = header_class.from_fileobj(stream, check=False)
+    dims = int(raw["dim"][0])
+    sizes = [float(z) for z in raw["pixdim"][1:1 + min(max(dims, 1), 3)]]
+    if not all(np.isfinite(sizes)) or 0.0 in sizes:
+        raise BadInputError(path, f"voxel size (pixdim) {sizes} must be finite and non-zero")
+    if min(sizes) < 0:
+        from mriseg import log
+
+        log.warn(f"{path}: negative voxel size (pixdim) {sizes}; using absolute values")
 
 
 def read_image_2d(path: Path) -> np.ndarray:
@@ -458,7 +541,8 @@ def _mask_2d(array: np.ndarray, path: Path) -> np.ndarray:
     """A 2D mask; RGB masks whose channels agree are reduced to one channel."""
     if array.ndim == 3:
         if not all(np.array_equal(array[..., 0], array[..., c]) for c in range(1, min(array.shape[-1], 3))):
-            raise BadInputError(path, "mask is a colour image with differing channels")
+            raise BadInputError(path, "mask is a colour-coded image (its channels differ); "
+                                  "convert it to one class index per pixel")
         array = array[..., 0]
     return _as_label(array, path)
 
@@ -500,6 +584,18 @@ def _read_lgg(ref: CaseRef) -> Case:
                         "label_names": {str(k): v for k, v in ref.label_names}})
 
 
+# Largest difference (mm) between two affines taken as the same grid: float32 rounding, not another scan.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def _check_same_grid(path: Path, file_affine: np.ndarray, reference: Path, affine: np.ndarray) -> None:
+    """Files of one case must share a voxel grid; mixing grids would misalign channels or labels."""
+    if not np.allclose(file_affine, affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
+        difference = float(np.abs(file_affine - affine).max())
+        raise BadInputError(path, f"affine differs from that of {reference.name} by up to {difference:.3g} mm "
+                                  "(not on the same voxel grid; resample it first)")
+
+
 def _read_nifti_case(ref: CaseRef, channels_last_4d: bool) -> Case:
     channels: list[np.ndarray] = []
     affine = geometry = None
@@ -511,8 +607,8 @@ def _read_nifti_case(ref: CaseRef, channels_last_4d: bool) -> Case:
         elif array.ndim == 3:
             parts = [array]
         else:
-            raise BadInputError(path, f"expected a 3D volume{' or 4D channels-last volume' if channels_last_4d else ''}, "
-                                      f"got shape {array.shape}")
+            allowed = "a 3D volume or a 4D channels-last volume" if channels_last_4d else "a 3D volume"
+            raise BadInputError(path, f"expected {allowed}, got shape {array.shape}")
         for part in parts:
             if channels and part.shape != channels[0].shape:
                 raise BadInputError(path, f"shape {part.shape} differs from {channels[0].shape} of {reference.name}")
@@ -521,17 +617,27 @@ def _read_nifti_case(ref: CaseRef, channels_last_4d: bool) -> Case:
             channels.append(part)
         if affine is None:
             affine, geometry, reference = file_affine, file_geometry, path
+        else:
+            _check_same_grid(path, file_affine, reference, affine)
     image = np.stack(channels)
     label = None
     if ref.label_paths:
         path = ref.label_paths[0]
-        array, _, _ = read_nifti(path)
+        array, label_affine, _ = read_nifti(path)
         if array.ndim == 4 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.shape != image.shape[1:]:
             raise BadInputError(path, f"label shape {array.shape} differs from image shape {image.shape[1:]} "
                                       f"of {reference.name}")
         label = _as_label(array, path)
+        _check_same_grid(path, label_affine, reference, affine)
+        if set(np.unique(label).tolist()) == {0, 255}:  # a binary mask saved as 0/255
+            label = binary_mask_from_255(label, path)
+        if ref.layout == "msd" and ref.label_names:
+            unknown = sorted(set(np.unique(label).tolist()) - {value for value, _ in ref.label_names})
+            if unknown:
+                raise BadInputError(path, f"label values {unknown} are not among the labels of dataset.json "
+                                          f"({sorted(value for value, _ in ref.label_names)})")
     modalities = list(ref.modalities) if len(ref.modalities) == image.shape[0] else \
         [f"channel{c}" for c in range(image.shape[0])]
     geometry = dict(geometry)
@@ -588,8 +694,7 @@ def read_case(ref_or_path: CaseRef | str | Path, layout: str | None = None,
         ref = ref_or_path
     else:
         path = Path(ref_or_path)
-        if not path.exists():
-            raise BadInputError(path, "no such file or folder")
+        _require_existing(path)
         if path.is_file():
             ref = _single_file_ref(path)
         else:
