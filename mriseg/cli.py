@@ -7,6 +7,7 @@ become one line on stderr and exit code 2, unless ``--debug`` is given.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -450,6 +451,9 @@ def benchmark(
 # --- demo --------------------------------------------------------------------
 
 
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one line and exit 2.
 
@@ -463,6 +467,15 @@ def main() -> None:
             traceback.print_exc()
         console.print(f"error: {error}", markup=False, style="red", soft_wrap=True)
         sys.exit(error.exit_code)
+    except OSError as error:
+        # A full disk, a read-only or forbidden folder, wherever it is met: the user's to fix.
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        if _state["debug"]:
+            traceback.print_exc()
+        console.print(f"error: {error.filename or 'output'}: {error.strerror}", markup=False, style="red",
+                      soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         if _state["debug"]:
             traceback.print_exc()

@@ -465,11 +465,17 @@ def prepare_output_folder(out: Path, overwrite: bool) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path``, then rename: a reader never sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise BadInputError(path, f"cannot write ({error.strerror})") from error
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             stream.write(text)
         os.replace(temporary, path)
+    except OSError as error:  # disk full: name the file instead of a bare errno
+        Path(temporary).unlink(missing_ok=True)
+        raise BadInputError(path, f"cannot write ({error.strerror})") from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
