@@ -257,7 +257,8 @@ def test_probabilities_are_written_in_the_source_grid(tmp_path):
     soft = nib.load(result.outputs["probabilities"])
     assert soft.shape == (*SHAPE, 1)
     np.testing.assert_array_equal(soft.affine, nib.load(tmp_path / "data" / "case1" / "case1_flair.nii.gz").affine)
-    assert np.array_equal(np.asarray(soft.dataobj)[..., 0] > 0.5, np.asarray(nib.load(result.outputs["mask"]).dataobj) > 0)
+    mask = np.asarray(nib.load(result.outputs["mask"]).dataobj)
+    assert np.array_equal(np.asarray(soft.dataobj)[..., 0] > 0.5, mask > 0)
 
 
 def write_lgg_patient(folder: Path, patient: str = "TCGA_XX_0001_20000101", slices: int = 4) -> list[np.ndarray]:
@@ -284,7 +285,8 @@ def test_tif_slice_folder_gives_one_mask_per_slice_named_like_the_source(tmp_pat
     [result] = predict_path(str(tmp_path / "TCGA_XX_0001_20000101"), model, PredictOptions(out=tmp_path / "out"))
     assert result.status == "ok", result.error
     folder = Path(result.outputs["mask"])
-    assert sorted(p.name for p in folder.iterdir()) == sorted(f"TCGA_XX_0001_20000101_{n}_mask.tif" for n in range(1, 5))
+    expected_names = [f"TCGA_XX_0001_20000101_{n}_mask.tif" for n in range(1, 5)]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected_names)
     for n, expected in enumerate(masks, start=1):
         np.testing.assert_array_equal(np.asarray(Image.open(folder / f"TCGA_XX_0001_20000101_{n}_mask.tif")), expected)
 
