@@ -105,7 +105,8 @@ def main() -> None:
                         help="3D part only, with a 1x1x1 convolution instead of the U-Net")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    processor = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {processor}")
     if not args.skip_3d:
         compare_sliding_window(args, device)
     if not args.engine_only:

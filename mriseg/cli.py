@@ -344,14 +344,16 @@ def _parse_patch_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 @app.command("evaluate")
 def evaluate_command(
-    pred: Path = typer.Argument(..., help="Predicted masks: a file, or a folder of <case_id>.nii.gz, "
-                                          "TIF/PNG masks or case folders."),
-    truth: Path = typer.Argument(..., metavar="GT", help="True masks, or a labelled dataset folder."),
+    paths: list[Path] = typer.Argument(..., metavar="PRED GT | DATA",
+                                       help="Predicted masks and the truth (files or folders, matched by case "
+                                            "id; GT may be a labelled dataset); with --model, one labelled DATA."),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o",
                              help="Folder for metrics.csv, summary.json and dsc.png."),
+    model: Optional[Path] = typer.Option(None, "--model",
+                                         help="Run folder or checkpoint: predict DATA in memory and score it."),
     regions: str = typer.Option("auto", "--regions",
-                                help="auto | binary | labels | brats | msd | NAME=1,2;NAME=4 "
-                                     "(auto: BraTS/MSD regions for those datasets, else binary)."),
+                                help="auto | binary | labels | brats | brats2023 | msd | NAME=1,2;NAME=4 "
+                                     "(auto: the dataset's or the checkpoint's regions, else binary)."),
     empty: str = typer.Option("score", "--empty",
                               help="Empty-mask policy. score: both empty -> Dice 1, distances 0; one empty -> "
                                    "Dice 0, distances undefined. ignore: also leave out cases whose truth is empty."),
@@ -359,14 +361,28 @@ def evaluate_command(
     modalities: Optional[str] = typer.Option(None, "--modalities",
                                              help="BraTS file-name map of the GT dataset, e.g. "
                                                   "flair=Flair_x,t1ce=T1c_x,seg=OTMultiClass."),
+    device: str = typer.Option("auto", "--device", help="With --model: cpu, cuda, cuda:1 or auto."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --model: slices or patches per batch."),
+    tta: bool = typer.Option(False, "--tta", help="With --model: average predictions over flips."),
+    largest_component: bool = typer.Option(False, "--largest-component",
+                                           help="With --model: keep only the largest tumour blob."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Per-volume Dice, IoU, HD95, ASSD, sensitivity, precision and volumes, with a Dice bar plot."""
-    from mriseg.evaluate import evaluate, results_table
+    from mriseg.evaluate import evaluate, evaluate_model, results_table
 
-    result = evaluate(pred, truth, out, regions=regions, empty=empty, strict=strict, overwrite=overwrite,
-                      modalities=modalities)
+    if model is not None:
+        if len(paths) != 1:
+            raise typer.BadParameter("with --model give one labelled DATA folder", param_hint="PRED GT | DATA")
+        result = evaluate_model(model, paths[0], out, regions=regions, empty=empty, overwrite=overwrite,
+                                modalities=modalities, device=device, batch_size=batch_size, tta=tta,
+                                largest_component=largest_component)
+    else:
+        if len(paths) != 2:
+            raise typer.BadParameter("give PRED and GT, or --model RUN_DIR DATA", param_hint="PRED GT | DATA")
+        result = evaluate(paths[0], paths[1], out, regions=regions, empty=empty, strict=strict,
+                          overwrite=overwrite, modalities=modalities)
     console.print(results_table(result))
     console.print(f"wrote {out / 'metrics.csv'}, {out / 'summary.json'}, {out / 'dsc.png'}", markup=False)
     if as_json:

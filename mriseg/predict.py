@@ -551,8 +551,8 @@ def select_modalities(case: Case, expected: list[str], in_channels: int) -> Case
         image = case.image
     else:
         missing = [name for name in wanted if name not in names]
-        raise BadInputError(source, f"the model needs modalities {', '.join(expected) or in_channels}; "
-                                    f"this input has {', '.join(case.modalities)}"
+        needed = f"modalities {', '.join(expected)}" if expected else f"{in_channels} channels"
+        raise BadInputError(source, f"the model needs {needed}; this input has {', '.join(case.modalities)}"
                                     + (f" (missing {', '.join(missing)})" if missing else ""))
     return replace(case, image=image, modalities=list(expected) or list(case.modalities))
 

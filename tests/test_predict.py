@@ -257,7 +257,8 @@ def test_probabilities_are_written_in_the_source_grid(tmp_path):
     soft = nib.load(result.outputs["probabilities"])
     assert soft.shape == (*SHAPE, 1)
     np.testing.assert_array_equal(soft.affine, nib.load(tmp_path / "data" / "case1" / "case1_flair.nii.gz").affine)
-    assert np.array_equal(np.asarray(soft.dataobj)[..., 0] > 0.5, np.asarray(nib.load(result.outputs["mask"]).dataobj) > 0)
+    mask = np.asarray(nib.load(result.outputs["mask"]).dataobj)
+    assert np.array_equal(np.asarray(soft.dataobj)[..., 0] > 0.5, mask > 0)
 
 
 def write_lgg_patient(folder: Path, patient: str = "TCGA_XX_0001_20000101", slices: int = 4) -> list[np.ndarray]:
@@ -284,7 +285,8 @@ def test_tif_slice_folder_gives_one_mask_per_slice_named_like_the_source(tmp_pat
     [result] = predict_path(str(tmp_path / "TCGA_XX_0001_20000101"), model, PredictOptions(out=tmp_path / "out"))
     assert result.status == "ok", result.error
     folder = Path(result.outputs["mask"])
-    assert sorted(p.name for p in folder.iterdir()) == sorted(f"TCGA_XX_0001_20000101_{n}_mask.tif" for n in range(1, 5))
+    expected_names = [f"TCGA_XX_0001_20000101_{n}_mask.tif" for n in range(1, 5)]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(expected_names)
     for n, expected in enumerate(masks, start=1):
         np.testing.assert_array_equal(np.asarray(Image.open(folder / f"TCGA_XX_0001_20000101_{n}_mask.tif")), expected)
 
@@ -453,3 +455,59 @@ def test_unwritable_output_folder_stops_before_any_work(tmp_path):
     with pytest.raises(MrisegError, match="not writable"):
         predict([str(save_volume_file(tmp_path / "v.nii.gz", 1))], model=checkpoint,
                 options=PredictOptions(out=blocker / "out"))
+
+
+def test_real_brats_case_round_trip_keeps_lps_geometry(tmp_path, shared_data):
+    """A real LPS case (../shared/data/brats): the mask is written in its exact geometry and
+    lands where the thresholding model must put it."""
+    case = shared_data / "brats" / "brats_2013_pat0002_1"
+    model = threshold_model(tmp_path, 2, ["t1ce", "flair"], 0, PreprocessParams(crop=True, norm="max", dtype="float32"))
+    options = PredictOptions(out=tmp_path / "out", modalities="flair=Flair_subtrMeanDivStd,t1ce=T1c_subtrMeanDivStd,"
+                                                               "seg=OTMultiClass")
+    [result] = predict_path(str(case), model, options)
+    assert result.status == "ok", result.error
+    source = nib.load(case / "T1c_subtrMeanDivStd.nii.gz")
+    written = nib.load(result.outputs["mask"])
+    assert written.shape == source.shape == (240, 240, 155)
+    np.testing.assert_array_equal(written.affine, source.affine)
+    assert nib.aff2axcodes(written.affine) == ("L", "P", "S")
+    for code in ("qform_code", "sform_code"):
+        assert written.header[code] == source.header[code]
+    t1c = np.asarray(source.dataobj, dtype=np.float32)
+    expected = t1c / np.float32(np.abs(t1c).max()) >= 0.5
+    np.testing.assert_array_equal(np.asarray(written.dataobj) > 0, expected)
+
+
+class RegionNet(torch.nn.Module):
+    """Three nested BraTS regions from one channel: WT above 0.2, TC above 0.5, ET above 0.8."""
+
+    def __init__(self):
+        super().__init__()
+        self.steepness = torch.nn.Parameter(torch.tensor(50.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :1] - 0.2, x[:, :1] - 0.5, x[:, :1] - 0.8], dim=1) * self.steepness
+
+
+def test_single_2d_image_with_brats_regions_gives_labels_1_2_4_named_like_the_source(tmp_path):
+    image = np.full((40, 48), 10, np.uint8)
+    image[5:30, 5:30], image[10:25, 10:25], image[14:20, 14:20] = 30, 60, 100
+    Image.fromarray(image).save(tmp_path / "scan.png")
+    task = {"kind": "regions", "activation": "sigmoid", "labels": [0, 1, 2, 4],
+            "regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}}
+    checkpoint = {"model": {"name": "regions", "in_channels": 1, "out_channels": 3, "spatial_dims": 2},
+                  "preprocess": PreprocessParams(norm="max").to_dict(), "modalities": [], "task": task,
+                  "label_info": {"names": {"1": "core", "2": "oedema", "4": "enhancing"}}}
+    model = LoadedModel(path=tmp_path / "m.pt", checkpoint=checkpoint, network=RegionNet(), device=torch.device("cpu"))
+    [result] = predict_path(str(tmp_path / "scan.png"), model, PredictOptions(out=tmp_path / "out", overlay=True))
+    assert result.status == "ok", result.error
+    assert Path(result.outputs["mask"]).name == "scan_mask.png"
+    expected = np.zeros_like(image)
+    expected[image == 30], expected[image == 60], expected[image == 100] = 2, 1, 4
+    np.testing.assert_array_equal(np.asarray(Image.open(result.outputs["mask"])), expected)
+    [overlay] = Path(result.outputs["overlays"]).iterdir()
+    picture = np.asarray(Image.open(overlay).convert("RGB"))
+    scale = -(-viz.MIN_PICTURE_WIDTH // 48)
+    body = picture[:40 * scale:scale, :48 * scale:scale]
+    for value in (1, 2, 4):
+        assert np.array_equal(np.all(body == viz.LABEL_COLOURS[value], axis=-1), viz.outline(expected == value))
