@@ -690,7 +690,7 @@ def results_table(result: EvaluationResult) -> Any:
 
 # --- predicting in memory (--model) ------------------------------------------------------
 
-def _scheme_from_task(task: dict) -> tuple[Region, ...] | None:
+def scheme_from_task(task: dict) -> tuple[Region, ...] | None:
     """The regions a model was trained on (``task.kind == "regions"`` with named regions), if any."""
     regions = task.get("regions")
     if task.get("kind") != "regions" or not isinstance(regions, dict):
@@ -739,7 +739,7 @@ def evaluate_model(model: Path, data: Path, out: Path, regions: str = "auto", em
     if len(labelled) < len(refs):
         warn(f"{len(refs) - len(labelled)} case(s) in {data} have no label and are not scored")
     if scheme == "auto":
-        scheme = _scheme_from_task(loaded.task) or scheme_for_dataset(labelled[0])
+        scheme = scheme_from_task(loaded.task) or scheme_for_dataset(labelled[0])
         info(f"label scheme: {scheme if isinstance(scheme, str) else 'regions of the checkpoint'} "
              "(change with --regions)")
     prepare_output_folder(out, overwrite)

@@ -412,3 +412,23 @@ def test_model_mode_scores_exactly_what_predict_writes(tmp_path):
 
     assert [r.as_record() for r in in_memory.rows] == [r.as_record() for r in on_disk.rows]
     assert len(in_memory.rows) == 2
+
+
+def test_auto_scheme_follows_the_dataset_and_the_checkpoint():
+    from types import SimpleNamespace
+
+    from mriseg.evaluate import scheme_from_task, scheme_for_dataset
+
+    def ref(layout, naming="", label_names=()):
+        return SimpleNamespace(layout=layout, naming=naming, label_names=label_names)
+
+    assert scheme_for_dataset(ref("brats")) == "brats"
+    assert scheme_for_dataset(ref("brats", naming="brats2023")) == "brats2023"
+    msd_brain = ((0, "background"), (1, "edema"), (2, "non-enhancing tumor"), (3, "enhancing tumour"))
+    assert scheme_for_dataset(ref("msd", label_names=msd_brain)) == "msd"
+    assert scheme_for_dataset(ref("msd", label_names=((0, "background"), (1, "tumour")))) == "binary"
+    assert scheme_for_dataset(ref("msd", label_names=((0, "bg"), (1, "liver"), (2, "cancer")))) == "labels"
+    assert scheme_for_dataset(ref("lgg")) == "binary"
+    regions = scheme_from_task({"kind": "regions", "regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}})
+    assert [(r.name, r.labels) for r in regions] == [("WT", (1, 2, 4)), ("TC", (1, 4)), ("ET", (4,))]
+    assert scheme_from_task({"kind": "binary", "labels": [0, 1]}) is None
