@@ -89,6 +89,13 @@ def make_templates(root: Path) -> dict[str, Path]:
         binary = (np.asanyarray(source.dataobj) > 0).astype(np.uint8)
         nib.save(nib.Nifti1Image(binary, source.affine), str(masks / f"{folder.name}.nii.gz"))
     templates["masks"] = masks
+    from mriseg.data.cache import build_cache
+    from mriseg.data.preprocess import PreprocessParams
+
+    templates["cache"] = root / "cache"
+    build_cache(templates["lgg"], templates["cache"], PreprocessParams())
+    templates["cache-brats"] = root / "cache-brats"
+    build_cache(brats, templates["cache-brats"], PreprocessParams())
     templates["checkpoint"] = tiny_checkpoint(root / "unet2d.pt")
     templates["checkpoint-3d"] = tiny_checkpoint(root / "tiny3d.pt", model="tiny3d", in_channels=4, spatial_dims=3)
     return templates
@@ -823,6 +830,102 @@ def predict_wrong_channels(ws: Workspace) -> Scenario:
     return predict_scenario(ws, ws.templates["checkpoint"], case, "needs modalities", inputs=(case,))
 
 
+# ----------------------------------------------------------------------------- train: caches, splits, runs
+
+TRAIN_OPTIONS = ["--epochs", "1", "--steps-per-epoch", "1", "--model-options", "features=4", "--batch-size", "2",
+                 "--device", "cpu"]
+
+
+def train_scenario(ws: Workspace, cache: Path, target: Path, *problem: str, extra: tuple[str, ...] = ()) -> Scenario:
+    return Scenario(["train", str(cache), "--out", str(ws.out), *TRAIN_OPTIONS, *extra], ws.out,
+                    (target.name, *problem))
+
+
+def cache_unfinished(ws: Workspace) -> Scenario:
+    cache = ws.copy("cache")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["complete"] = False
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    return train_scenario(ws, cache, cache / "manifest.json", "unfinished")
+
+
+def cache_manifest_not_json(ws: Workspace) -> Scenario:
+    cache = ws.copy("cache")
+    (cache / "manifest.json").write_text('{"format": "mriseg-cache", "cases": {')
+    return train_scenario(ws, cache, cache / "manifest.json", "cannot read")
+
+
+def cache_array_truncated(ws: Workspace) -> Scenario:
+    cache = ws.copy("cache")
+    target = sorted((cache / "cases").iterdir())[0] / "image.npy"
+    target.write_bytes(target.read_bytes()[:200])
+    return train_scenario(ws, cache, target, "cannot load")
+
+
+def cache_label_missing(ws: Workspace) -> Scenario:
+    cache = ws.copy("cache")
+    folder = sorted((cache / "cases").iterdir())[1]
+    (folder / "label.npy").unlink()
+    return train_scenario(ws, cache, folder, "missing")
+
+
+def split_not_json(ws: Workspace) -> Scenario:
+    split = ws.root / "split.json"
+    split.write_text("train: [a, b]\n")
+    return train_scenario(ws, ws.templates["cache"], split, "split", extra=("--split", str(split)))
+
+
+def split_unknown_cases(ws: Workspace) -> Scenario:
+    split = ws.root / "split.json"
+    split.write_text(json.dumps({"train": ["TCGA_SY_0001_19990101"], "val": ["TCGA_XX_9999"]}))
+    return train_scenario(ws, ws.templates["cache"], split, "TCGA_XX_9999", extra=("--split", str(split)))
+
+
+def resume_scenario(ws: Workspace, target: Path, *problem: str) -> Scenario:
+    return Scenario(["train", "--resume", "--out", str(ws.out)], ws.out, (target.name, *problem))
+
+
+def make_run_folder(ws: Workspace) -> Path:
+    """A run folder as training leaves it: config.json and last.pt (the unet template as its weights)."""
+    ws.out.mkdir()
+    options = {"model": "unet", "model_options": {"features": 4}, "epochs": 2, "steps_per_epoch": 1,
+               "batch_size": 2, "device": "cpu"}
+    (ws.out / "config.json").write_text(json.dumps({"data": str(ws.templates["cache"]), "options": options}))
+    shutil.copy(ws.templates["checkpoint"], ws.out / "last.pt")
+    return ws.out
+
+
+def resume_truncated_checkpoint(ws: Workspace) -> Scenario:
+    run = make_run_folder(ws)
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 3])
+    return resume_scenario(ws, run / "last.pt", "truncated or corrupt")
+
+
+def resume_config_not_json(ws: Workspace) -> Scenario:
+    run = make_run_folder(ws)
+    (run / "config.json").write_text("{'options': ")
+    return resume_scenario(ws, run / "config.json", "config.json")
+
+
+def resume_config_missing(ws: Workspace) -> Scenario:
+    run = make_run_folder(ws)
+    (run / "config.json").unlink()
+    return resume_scenario(ws, run / "config.json", "config.json")
+
+
+def train_volume_smaller_than_patch(ws: Workspace) -> Scenario:
+    """BraTS volumes of 12x12x8 with a 16x16x16 patch: padded, as documented."""
+    def check(out: Path) -> None:
+        from mriseg.checkpoint import load_checkpoint
+
+        assert load_checkpoint(out / "best.pt")["model"]["spatial_dims"] == 3
+
+    return Scenario(["train", str(ws.templates["cache-brats"]), "--out", str(ws.out), "--dims", "3", "--model",
+                     "unet3d", "--model-options", "features=4", "--patch-size", "16,16,16", "--epochs", "1", "--steps-per-epoch", "1",
+                     "--batch-size", "1", "--device", "cpu"], ws.out, exit_code=0, check=check)
+
+
 # ----------------------------------------------------------------------------- the corpus
 
 CORPUS: list[BadInput] = [
@@ -926,6 +1029,21 @@ CORPUS: list[BadInput] = [
              predict_truncated_input),
     BadInput("predict-wrong-channels", "predict", "4-channel BraTS case for a 3-channel model", "refused",
              predict_wrong_channels),
+    BadInput("cache-unfinished", "train", "cache manifest says complete: false", "refused", cache_unfinished),
+    BadInput("cache-manifest-not-json", "train", "cache manifest.json cut short", "refused", cache_manifest_not_json),
+    BadInput("cache-array-truncated", "train", "a cached image.npy cut at 200 bytes", "refused",
+             cache_array_truncated),
+    BadInput("cache-label-missing", "train", "a cached label.npy deleted", "refused", cache_label_missing),
+    BadInput("split-not-json", "train", "--split file is not JSON", "refused", split_not_json),
+    BadInput("split-unknown-cases", "train", "--split names a case not in the cache", "refused", split_unknown_cases),
+    BadInput("resume-truncated-checkpoint", "train", "--resume with last.pt cut to a third", "refused",
+             resume_truncated_checkpoint),
+    BadInput("resume-config-not-json", "train", "--resume with config.json not JSON", "refused",
+             resume_config_not_json),
+    BadInput("resume-config-missing", "train", "--resume with config.json deleted", "refused",
+             resume_config_missing),
+    BadInput("train-volume-smaller-than-patch", "train", "3D patch 16x16x16 on 12x12x8 volumes",
+             "accepted: padded", train_volume_smaller_than_patch),
     BadInput("eval-mask-0-255", "evaluate", "prediction masks 0/255, truth 0/1", "accepted: any non-zero is tumour",
              eval_mask_0_255),
 ]
