@@ -7,6 +7,7 @@ become one line on stderr and exit code 2, unless ``--debug`` is given.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -261,18 +262,98 @@ def train_command(
 
 # --- predict -----------------------------------------------------------------
 
+@app.command()
+def predict(
+    inputs: list[str] = typer.Argument(..., help="NIfTI files, case or patient folders, 2D images, globs; "
+                                                 "- reads one path per line from stdin."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Run folder or .pt checkpoint "
+                                        "[default: $MRISEG_MODEL, else runs/latest]."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder [default: ./predictions/]."),
+    overlap: float = typer.Option(0.5, min=0.0, max=0.95, help="3D models: overlap of sliding windows."),
+    patch_size: Optional[str] = typer.Option(None, "--patch-size",
+                                             help="3D models: window D,H,W [default: the checkpoint's]."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices (2D) or windows (3D) per forward pass."),
+    tta: bool = typer.Option(False, "--tta", help="Average predictions over all axis flips."),
+    amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Binary and region tasks: probability cut-off."),
+    largest_component: bool = typer.Option(False, "--largest-component",
+                                           help="Keep only the largest connected tumour blob."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write the soft maps."),
+    overlay: bool = typer.Option(False, "--overlay", help="PNG per tumour slice: prediction red, truth green."),
+    overlay_modality: Optional[str] = typer.Option(None, "--overlay-modality",
+                                                   help="Channel drawn under outlines [default: flair if present]."),
+    all_slices: bool = typer.Option(False, "--all-slices", help="Overlays and GIFs of every slice."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="True labels to outline (file, or folder of "
+                                          "files named after the cases) [default: labels found beside the input]."),
+    gif: bool = typer.Option(False, "--gif", help="One animated GIF per volume through its slices."),
+    fps: float = typer.Option(10.0, "--fps", min=0.1, help="GIF frames per second."),
+    modalities: Optional[str] = typer.Option(None, "--modalities",
+                                             help="File-name map for case folders, e.g. flair=Flair_,t1ce=T1c_."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: take every n-th input from the i-th "
+                                        "(0-based), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON line per case on stdout."),
+) -> None:
+    """Segment MRI volumes or images with a trained model; masks keep the input's geometry."""
+    # Imported here so that `mriseg --help` and other commands do not pay for importing torch.
+    from pathlib import Path
+
+    from mriseg import predict as predict_module
+    from mriseg.log import info
+
+    options = predict_module.PredictOptions(
+        out=Path(out) if out is not None else predict_module.DEFAULT_OUT, overlap=overlap, batch_size=batch_size, patch_size=_parse_patch_size(patch_size), tta=tta,
+        amp=amp, device=device, threshold=threshold, largest_component=largest_component,
+        probabilities=probabilities, overlay=overlay, overlay_modality=overlay_modality, all_slices=all_slices,
+        labels=Path(labels) if labels is not None else None, gif=gif, gif_fps=fps, modalities=modalities, overwrite=overwrite)
+
+    def report(result: predict_module.CaseResult) -> None:
+        if json_output:
+            print_json(result.as_json())
+        elif result.status == "ok":
+            info(f"{result.case_id}: {result.outputs.get('mask')} ({result.volume_ml:.2f} mL, {result.seconds:.1f} s)")
+        if result.status != "ok":
+            console.print(f"error: {result.error}", markup=False, style="red", soft_wrap=True)
+
+    results = predict_module.predict(inputs, model=model, options=options,
+                                     shard=predict_module.parse_shard(shard) if shard else None, on_result=report)
+    failed = sum(result.status != "ok" for result in results)
+    if results and failed == len(results):  # each failure already had its error line
+        info(f"all {failed} case(s) failed; nothing was written")
+        raise typer.Exit(2)
+    if failed:
+        info(f"{failed} of {len(results)} case(s) failed (see the errors above)")
+        raise typer.Exit(1)
+    if not results:
+        info("nothing to do: this shard holds no inputs")
+
+
+def _parse_patch_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        size = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise MrisegError(f"--patch-size must be numbers like 128,128,128, got {text!r}") from None
+    if len(size) != 3 or min(size) < 1:
+        raise MrisegError(f"--patch-size needs three positive numbers (D,H,W), got {text!r}")
+    return size
+
 # --- evaluate ----------------------------------------------------------------
 
 @app.command("evaluate")
 def evaluate_command(
-    pred: Path = typer.Argument(..., help="Predicted masks: a file, or a folder of <case_id>.nii.gz, "
-                                          "TIF/PNG masks or case folders."),
-    truth: Path = typer.Argument(..., metavar="GT", help="True masks, or a labelled dataset folder."),
+    paths: list[Path] = typer.Argument(..., metavar="PRED GT | DATA",
+                                       help="Predicted masks and the truth (files or folders, matched by case "
+                                            "id; GT may be a labelled dataset); with --model, one labelled DATA."),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o",
                              help="Folder for metrics.csv, summary.json and dsc.png."),
+    model: Optional[Path] = typer.Option(None, "--model",
+                                         help="Run folder or checkpoint: predict DATA in memory and score it."),
     regions: str = typer.Option("auto", "--regions",
-                                help="auto | binary | labels | brats | msd | NAME=1,2;NAME=4 "
-                                     "(auto: BraTS/MSD regions for those datasets, else binary)."),
+                                help="auto | binary | labels | brats | brats2023 | msd | NAME=1,2;NAME=4 "
+                                     "(auto: the dataset's or the checkpoint's regions, else binary)."),
     empty: str = typer.Option("score", "--empty",
                               help="Empty-mask policy. score: both empty -> Dice 1, distances 0; one empty -> "
                                    "Dice 0, distances undefined. ignore: also leave out cases whose truth is empty."),
@@ -280,14 +361,28 @@ def evaluate_command(
     modalities: Optional[str] = typer.Option(None, "--modalities",
                                              help="BraTS file-name map of the GT dataset, e.g. "
                                                   "flair=Flair_x,t1ce=T1c_x,seg=OTMultiClass."),
+    device: str = typer.Option("auto", "--device", help="With --model: cpu, cuda, cuda:1 or auto."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --model: slices or patches per batch."),
+    tta: bool = typer.Option(False, "--tta", help="With --model: average predictions over flips."),
+    largest_component: bool = typer.Option(False, "--largest-component",
+                                           help="With --model: keep only the largest tumour blob."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Per-volume Dice, IoU, HD95, ASSD, sensitivity, precision and volumes, with a Dice bar plot."""
-    from mriseg.evaluate import evaluate, results_table
+    from mriseg.evaluate import evaluate, evaluate_model, results_table
 
-    result = evaluate(pred, truth, out, regions=regions, empty=empty, strict=strict, overwrite=overwrite,
-                      modalities=modalities)
+    if model is not None:
+        if len(paths) != 1:
+            raise typer.BadParameter("with --model give one labelled DATA folder", param_hint="PRED GT | DATA")
+        result = evaluate_model(model, paths[0], out, regions=regions, empty=empty, overwrite=overwrite,
+                                modalities=modalities, device=device, batch_size=batch_size, tta=tta,
+                                largest_component=largest_component)
+    else:
+        if len(paths) != 2:
+            raise typer.BadParameter("give PRED and GT, or --model RUN_DIR DATA", param_hint="PRED GT | DATA")
+        result = evaluate(paths[0], paths[1], out, regions=regions, empty=empty, strict=strict,
+                          overwrite=overwrite, modalities=modalities)
     console.print(results_table(result))
     console.print(f"wrote {out / 'metrics.csv'}, {out / 'summary.json'}, {out / 'dsc.png'}", markup=False)
     if as_json:
@@ -357,6 +452,9 @@ def benchmark(
 # --- demo --------------------------------------------------------------------
 
 
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one line and exit 2.
 
@@ -370,6 +468,15 @@ def main() -> None:
             traceback.print_exc()
         console.print(f"error: {error}", markup=False, style="red", soft_wrap=True)
         sys.exit(error.exit_code)
+    except OSError as error:
+        # A full disk, a read-only or forbidden folder, wherever it is met: the user's to fix.
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        if _state["debug"]:
+            traceback.print_exc()
+        console.print(f"error: {error.filename or 'output'}: {error.strerror}", markup=False, style="red",
+                      soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         if _state["debug"]:
             traceback.print_exc()

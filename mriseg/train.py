@@ -416,8 +416,13 @@ def predict_volume(model: nn.Module, volume: Volume, spatial_dims: int, batch_si
                 outputs.append(_as_logits(model(images)).float().cpu())
         return torch.cat(outputs)
     image = torch.from_numpy(np.asarray(volume.image, dtype=np.float32))
-    shape = image.shape[1:]
-    patch = [min(p, s) for p, s in zip(patch_size or shape, shape)]
+    source_shape = tuple(image.shape[1:])
+    patch = list(patch_size or source_shape)
+    shape = tuple(max(p, s) for p, s in zip(patch, source_shape))
+    if shape != source_shape:  # smaller than the patch: padded at the end as the training sampler pads it
+        padded = image.flatten(1).min(dim=1).values.view(-1, 1, 1, 1).repeat(1, *shape)
+        padded[(slice(None), *(slice(0, s) for s in source_shape))] = image
+        image = padded
     starts = [sorted({*range(0, s - p + 1, max(1, p // 2)), s - p}) for s, p in zip(shape, patch)]
     logits, counts = None, torch.zeros(shape)
     for corner in np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3):
@@ -428,7 +433,7 @@ def predict_volume(model: nn.Module, volume: Volume, spatial_dims: int, batch_si
             logits = torch.zeros((output.shape[0], *shape))
         logits[(slice(None), *region)] += output
         counts[region] += 1
-    return (logits / counts)[None]
+    return (logits / counts)[(slice(None), *(slice(0, s) for s in source_shape))][None]
 
 
 @torch.no_grad()
@@ -547,6 +552,17 @@ def resolve_run_dir(out: str | Path | None, model: str, resume: bool, overwrite:
         raise BadInputError(path, "run folder exists and is not empty; pass --resume to continue it "
                                   "or --overwrite to replace it")
     return path
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """The run's config.json, which ``--resume`` takes its settings from."""
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("options"), dict):
+            raise ValueError("no 'options' object")
+    except (OSError, ValueError) as error:
+        raise BadInputError(path, f"cannot read the run's config.json to resume ({error})") from error
+    return saved
 
 
 def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> None:
@@ -695,7 +711,7 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
     run_dir = resolve_run_dir(out, model or "unet", resume, overwrite)
     checkpoint = None
     if resume:
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = read_run_config(run_dir / "config.json")
         ignored = sorted(k for k in settings if k not in RESUME_OVERRIDABLE and settings[k] != saved["options"].get(k))
         if ignored and is_writer:
             log.warn(f"--resume keeps the run's own settings; ignoring {', '.join(ignored)}")

@@ -25,6 +25,8 @@ LABEL_COLOURS: dict[int, tuple[int, int, int]] = {
     5: (255, 0, 255), 6: (0, 230, 230), 7: (255, 140, 0), 8: (170, 110, 255),
 }
 LEGEND_HEIGHT = 14
+# Smaller pictures are enlarged (whole pixels) so that the legend and slice number fit.
+MIN_PICTURE_WIDTH = 160
 
 
 def outline(mask: np.ndarray) -> np.ndarray:
@@ -116,15 +118,21 @@ def overlay_picture(grey: np.ndarray, predicted: np.ndarray, truth: np.ndarray |
     each with a legend strip carrying ``caption`` (e.g. the slice number)."""
     if not multiclass:
         entries = [("prediction", PREDICTION_COLOUR)] + ([("truth", TRUTH_COLOUR)] if truth is not None else [])
-        return add_legend(overlay_binary(grey, predicted, truth), entries, caption)
+        return add_legend(enlarged(overlay_binary(grey, predicted, truth)), entries, caption)
     panels = [overlay_labels(grey, predicted)]
     if truth is not None:
         gap = np.full((grey.shape[0], 2, 3), 255, dtype=np.uint8)
         panels += [gap, overlay_labels(grey, truth)]
-        caption = f"left: prediction, right: truth  {caption}"
+        caption = f"{caption}  left: prediction, right: truth"
     entries = [(label_names.get(value, str(value)), colour) for value, colour in LABEL_COLOURS.items()
                if value in label_names]
-    return add_legend(np.concatenate(panels, axis=1), entries, caption)
+    return add_legend(enlarged(np.concatenate(panels, axis=1)), entries, caption)
+
+
+def enlarged(picture: np.ndarray) -> np.ndarray:
+    """Repeat each pixel so that the picture is at least :data:`MIN_PICTURE_WIDTH` wide."""
+    scale = -(-MIN_PICTURE_WIDTH // picture.shape[1])
+    return picture.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else picture
 
 
 def save_png(picture: np.ndarray, path: Path) -> None:

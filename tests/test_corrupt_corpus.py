@@ -38,6 +38,8 @@ def assert_nothing_looks_valid(command: str, out: Path) -> None:
 
         with pytest.raises(BadInputError):
             open_cache(out)
+    if command == "predict":
+        assert not [p for p in out.rglob("*") if p.is_file()], "predict wrote files for a refused input"
     if command == "evaluate":
         assert not [p.name for p in out.iterdir() if p.name in ("metrics.csv", "summary.json", "dsc.png")]
     hidden = [p for p in out.rglob(".*") if p.name.endswith((".tmp", ".partial"))]
@@ -74,3 +76,5 @@ def test_bad_input(entry: BadInput, templates, permission_support, tmp_path, mon
     else:
         assert_one_line_error(result, scenario.fragments, scenario.exit_code)
         assert_nothing_looks_valid(entry.command, scenario.out)
+        if scenario.after is not None:
+            scenario.after(scenario.out)

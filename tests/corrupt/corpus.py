@@ -44,6 +44,7 @@ class Scenario:
     obey_permissions: bool = False
     fresh_interpreter: bool = False   # the behaviour depends on the real stderr (e.g. its encoding)
     check: Callable[[Path], None] | None = None   # for accepted inputs: inspects ``out``
+    after: Callable[[Path], None] | None = None   # for refused inputs: a further check after the run
 
 
 @dataclass
@@ -88,6 +89,15 @@ def make_templates(root: Path) -> dict[str, Path]:
         binary = (np.asanyarray(source.dataobj) > 0).astype(np.uint8)
         nib.save(nib.Nifti1Image(binary, source.affine), str(masks / f"{folder.name}.nii.gz"))
     templates["masks"] = masks
+    from mriseg.data.cache import build_cache
+    from mriseg.data.preprocess import PreprocessParams
+
+    templates["cache"] = root / "cache"
+    build_cache(templates["lgg"], templates["cache"], PreprocessParams())
+    templates["cache-brats"] = root / "cache-brats"
+    build_cache(brats, templates["cache-brats"], PreprocessParams())
+    templates["checkpoint"] = tiny_checkpoint(root / "unet2d.pt")
+    templates["checkpoint-3d"] = tiny_checkpoint(root / "tiny3d.pt", model="tiny3d", in_channels=4, spatial_dims=3)
     return templates
 
 
@@ -677,6 +687,245 @@ def eval_mask_0_255(ws: Workspace) -> Scenario:
                     exit_code=0, check=check)
 
 
+# ----------------------------------------------------------------------------- predict and checkpoints
+
+MARKER = "pwned-marker"
+
+
+def tiny_checkpoint(path: Path, model: str = "unet", in_channels: int = 3, spatial_dims: int = 2) -> Path:
+    """A checkpoint as ``mriseg train`` writes it, for an untrained 4-feature network (binary task)."""
+    import torch
+
+    from mriseg.checkpoint import save_checkpoint
+    from mriseg.models import build_model
+
+    torch.manual_seed(0)
+    options = {"features": 4} if model == "unet" else {}
+    network = build_model(model, in_channels, 1, spatial_dims=spatial_dims, **options)
+    task = {"kind": "binary", "activation": "sigmoid", "out_channels": 1, "labels": [0, 1], "foreground_label": 1,
+            "channel_names": ["tumour"], "threshold": 0.5, "ignore_index": None}
+    return save_checkpoint(path, {
+        "model": {"name": model, "in_channels": in_channels, "out_channels": 1, "spatial_dims": spatial_dims,
+                  "options": options},
+        "state_dict": network.state_dict(), "preprocess": {"size": None, "crop": False, "norm": "zscore",
+                                                           "label_map": {}, "dtype": "float16"},
+        "modalities": ["pre-contrast", "flair", "post-contrast"], "task": task, "patch_size": [],
+        "epoch": 1, "best_score": 0.0})
+
+
+def predict_scenario(ws: Workspace, checkpoint: Path, target: Path, *problem: str,
+                     inputs: tuple[Path, ...] | None = None) -> Scenario:
+    lgg_case = sorted(p for p in ws.templates["lgg"].iterdir() if p.is_dir())[0]
+    return Scenario(["predict", *(str(p) for p in (inputs or (lgg_case,))), "--model", str(checkpoint),
+                     "--out", str(ws.out), "--device", "cpu"], ws.out, (target.name, *problem))
+
+
+def checkpoint_truncated(ws: Workspace) -> Scenario:
+    target = ws.root / "best.pt"
+    data = ws.templates["checkpoint"].read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    return predict_scenario(ws, target, target, "truncated or corrupt")
+
+
+def checkpoint_zero_byte(ws: Workspace) -> Scenario:
+    target = ws.root / "best.pt"
+    target.write_bytes(b"")
+    return predict_scenario(ws, target, target, "truncated or corrupt")
+
+
+def checkpoint_of_another_model(ws: Workspace) -> Scenario:
+    """Weights of a 3D tiny3d network in a checkpoint that says it holds the 2D unet."""
+    import torch
+
+    target = ws.root / "best.pt"
+    document = torch.load(ws.templates["checkpoint"], weights_only=True)
+    other = torch.load(ws.templates["checkpoint-3d"], weights_only=True)
+    document["state_dict"] = other["state_dict"]
+    torch.save(document, target)
+    return predict_scenario(ws, target, target, "weights do not fit")
+
+
+def checkpoint_unknown_model(ws: Workspace) -> Scenario:
+    import torch
+
+    target = ws.root / "best.pt"
+    document = torch.load(ws.templates["checkpoint"], weights_only=True)
+    document["model"]["name"] = "resnet9000"
+    torch.save(document, target)
+    return predict_scenario(ws, target, target, "resnet9000")
+
+
+def checkpoint_from_another_tool(ws: Workspace) -> Scenario:
+    import torch
+
+    target = ws.root / "model.pt"
+    torch.save({"state_dict": {"weight": torch.zeros(2)}, "epoch": 3}, target)
+    return predict_scenario(ws, target, target, "not an mriseg checkpoint")
+
+
+def checkpoint_future_version(ws: Workspace) -> Scenario:
+    import torch
+
+    target = ws.root / "best.pt"
+    document = torch.load(ws.templates["checkpoint"], weights_only=True)
+    document["format_version"] = 99
+    torch.save(document, target)
+    return predict_scenario(ws, target, target, "format_version 99")
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.system``: what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def checkpoint_executing_pickle(ws: Workspace) -> Scenario:
+    """A torch.save file whose unpickling would create a marker file; the marker must never appear."""
+    import torch
+
+    target = ws.root / "best.pt"
+    marker = ws.root / MARKER
+    document = torch.load(ws.templates["checkpoint"], weights_only=True)
+    document["epoch"] = _RunsCode(marker)
+    torch.save(document, target)
+    scenario = predict_scenario(ws, target, target, "refused to load")
+
+    def check_marker(out: Path) -> None:
+        assert not marker.exists(), "the checkpoint's code ran"
+
+    scenario.after = check_marker
+    return scenario
+
+
+def checkpoint_plain_pickle(ws: Workspace) -> Scenario:
+    """Not even a torch file: a bare pickle whose loading would run code."""
+    import pickle
+
+    target = ws.root / "best.pt"
+    marker = ws.root / MARKER
+    target.write_bytes(pickle.dumps(_RunsCode(marker)))
+    scenario = predict_scenario(ws, target, target)
+
+    def check_marker(out: Path) -> None:
+        assert not marker.exists(), "the checkpoint's code ran"
+
+    scenario.after = check_marker
+    return scenario
+
+
+def predict_truncated_input(ws: Workspace) -> Scenario:
+    src = ws.copy("lgg")
+    target = lgg_slice(src, 1, 2)
+    target.write_bytes(target.read_bytes()[:60])
+    return predict_scenario(ws, ws.templates["checkpoint"], target, "cannot read image", inputs=(target.parent,))
+
+
+def predict_wrong_channels(ws: Workspace) -> Scenario:
+    """A 4-channel BraTS case for a 3-channel LGG model."""
+    case = sorted(p for p in ws.templates["brats"].iterdir() if p.is_dir())[0]
+    return predict_scenario(ws, ws.templates["checkpoint"], case, "needs modalities", inputs=(case,))
+
+
+# ----------------------------------------------------------------------------- train: caches, splits, runs
+
+TRAIN_OPTIONS = ["--epochs", "1", "--steps-per-epoch", "1", "--model-options", "features=4", "--batch-size", "2",
+                 "--device", "cpu"]
+
+
+def train_scenario(ws: Workspace, cache: Path, target: Path, *problem: str, extra: tuple[str, ...] = ()) -> Scenario:
+    return Scenario(["train", str(cache), "--out", str(ws.out), *TRAIN_OPTIONS, *extra], ws.out,
+                    (target.name, *problem))
+
+
+def cache_unfinished(ws: Workspace) -> Scenario:
+    cache = ws.copy("cache")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["complete"] = False
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    return train_scenario(ws, cache, cache / "manifest.json", "unfinished")
+
+
+def cache_manifest_not_json(ws: Workspace) -> Scenario:
+    cache = ws.copy("cache")
+    (cache / "manifest.json").write_text('{"format": "mriseg-cache", "cases": {')
+    return train_scenario(ws, cache, cache / "manifest.json", "cannot read")
+
+
+def cache_array_truncated(ws: Workspace) -> Scenario:
+    cache = ws.copy("cache")
+    target = sorted((cache / "cases").iterdir())[0] / "image.npy"
+    target.write_bytes(target.read_bytes()[:200])
+    return train_scenario(ws, cache, target, "cannot load")
+
+
+def cache_label_missing(ws: Workspace) -> Scenario:
+    cache = ws.copy("cache")
+    folder = sorted((cache / "cases").iterdir())[1]
+    (folder / "label.npy").unlink()
+    return train_scenario(ws, cache, folder, "missing")
+
+
+def split_not_json(ws: Workspace) -> Scenario:
+    split = ws.root / "split.json"
+    split.write_text("train: [a, b]\n")
+    return train_scenario(ws, ws.templates["cache"], split, "split", extra=("--split", str(split)))
+
+
+def split_unknown_cases(ws: Workspace) -> Scenario:
+    split = ws.root / "split.json"
+    split.write_text(json.dumps({"train": ["TCGA_SY_0001_19990101"], "val": ["TCGA_XX_9999"]}))
+    return train_scenario(ws, ws.templates["cache"], split, "TCGA_XX_9999", extra=("--split", str(split)))
+
+
+def resume_scenario(ws: Workspace, target: Path, *problem: str) -> Scenario:
+    return Scenario(["train", "--resume", "--out", str(ws.out)], ws.out, (target.name, *problem))
+
+
+def make_run_folder(ws: Workspace) -> Path:
+    """A run folder as training leaves it: config.json and last.pt (the unet template as its weights)."""
+    ws.out.mkdir()
+    options = {"model": "unet", "model_options": {"features": 4}, "epochs": 2, "steps_per_epoch": 1,
+               "batch_size": 2, "device": "cpu"}
+    (ws.out / "config.json").write_text(json.dumps({"data": str(ws.templates["cache"]), "options": options}))
+    shutil.copy(ws.templates["checkpoint"], ws.out / "last.pt")
+    return ws.out
+
+
+def resume_truncated_checkpoint(ws: Workspace) -> Scenario:
+    run = make_run_folder(ws)
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 3])
+    return resume_scenario(ws, run / "last.pt", "truncated or corrupt")
+
+
+def resume_config_not_json(ws: Workspace) -> Scenario:
+    run = make_run_folder(ws)
+    (run / "config.json").write_text("{'options': ")
+    return resume_scenario(ws, run / "config.json", "config.json")
+
+
+def resume_config_missing(ws: Workspace) -> Scenario:
+    run = make_run_folder(ws)
+    (run / "config.json").unlink()
+    return resume_scenario(ws, run / "config.json", "config.json")
+
+
+def train_volume_smaller_than_patch(ws: Workspace) -> Scenario:
+    """BraTS volumes of 12x12x8 with a 16x16x16 patch: padded, as documented."""
+    def check(out: Path) -> None:
+        from mriseg.checkpoint import load_checkpoint
+
+        assert load_checkpoint(out / "best.pt")["model"]["spatial_dims"] == 3
+
+    return Scenario(["train", str(ws.templates["cache-brats"]), "--out", str(ws.out), "--dims", "3", "--model",
+                     "unet3d", "--model-options", "features=4", "--patch-size", "16,16,16", "--epochs", "1", "--steps-per-epoch", "1",
+                     "--batch-size", "1", "--device", "cpu"], ws.out, exit_code=0, check=check)
+
+
 # ----------------------------------------------------------------------------- the corpus
 
 CORPUS: list[BadInput] = [
@@ -763,6 +1012,38 @@ CORPUS: list[BadInput] = [
     BadInput("eval-empty-folder", "evaluate", "empty prediction folder", "refused", eval_empty_prediction_folder),
     BadInput("eval-duplicate-ids", "evaluate", "case.nii and case.nii.gz", "refused", eval_duplicate_ids),
     BadInput("eval-output-is-file", "evaluate", "--out is an existing file", "refused", eval_output_is_a_file),
+    BadInput("checkpoint-truncated", "predict", "checkpoint cut in half", "refused", checkpoint_truncated),
+    BadInput("checkpoint-zero-byte", "predict", "zero-byte checkpoint", "refused", checkpoint_zero_byte),
+    BadInput("checkpoint-other-model", "predict", "tiny3d weights in a unet checkpoint", "refused",
+             checkpoint_of_another_model),
+    BadInput("checkpoint-unknown-model", "predict", "model name not in the registry", "refused",
+             checkpoint_unknown_model),
+    BadInput("checkpoint-other-tool", "predict", "a torch.save dict from another tool", "refused",
+             checkpoint_from_another_tool),
+    BadInput("checkpoint-future-version", "predict", "format_version 99", "refused", checkpoint_future_version),
+    BadInput("checkpoint-executes-code", "predict", "torch.save file whose unpickling runs os.system",
+             "refused, the code never runs", checkpoint_executing_pickle),
+    BadInput("checkpoint-bare-pickle", "predict", "a bare pickle that runs os.system", "refused, the code never runs",
+             checkpoint_plain_pickle),
+    BadInput("predict-truncated-input", "predict", "a truncated slice TIF as input", "refused",
+             predict_truncated_input),
+    BadInput("predict-wrong-channels", "predict", "4-channel BraTS case for a 3-channel model", "refused",
+             predict_wrong_channels),
+    BadInput("cache-unfinished", "train", "cache manifest says complete: false", "refused", cache_unfinished),
+    BadInput("cache-manifest-not-json", "train", "cache manifest.json cut short", "refused", cache_manifest_not_json),
+    BadInput("cache-array-truncated", "train", "a cached image.npy cut at 200 bytes", "refused",
+             cache_array_truncated),
+    BadInput("cache-label-missing", "train", "a cached label.npy deleted", "refused", cache_label_missing),
+    BadInput("split-not-json", "train", "--split file is not JSON", "refused", split_not_json),
+    BadInput("split-unknown-cases", "train", "--split names a case not in the cache", "refused", split_unknown_cases),
+    BadInput("resume-truncated-checkpoint", "train", "--resume with last.pt cut to a third", "refused",
+             resume_truncated_checkpoint),
+    BadInput("resume-config-not-json", "train", "--resume with config.json not JSON", "refused",
+             resume_config_not_json),
+    BadInput("resume-config-missing", "train", "--resume with config.json deleted", "refused",
+             resume_config_missing),
+    BadInput("train-volume-smaller-than-patch", "train", "3D patch 16x16x16 on 12x12x8 volumes",
+             "accepted: padded", train_volume_smaller_than_patch),
     BadInput("eval-mask-0-255", "evaluate", "prediction masks 0/255, truth 0/1", "accepted: any non-zero is tumour",
              eval_mask_0_255),
 ]
