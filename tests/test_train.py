@@ -68,8 +68,8 @@ def epochs_of(run_dir: Path) -> list[dict]:
 
 
 def test_dice_rises_and_run_folder_is_complete(lgg_cache, tmp_path):
-    summary = train(lgg_cache, model="unet", out=tmp_path / "run", epochs=4, steps_per_epoch=6, lr=3e-3,
-                    loss="bce-dice", **TINY)
+    summary = train(lgg_cache, model="unet", out=tmp_path / "run", epochs=4, steps_per_epoch=8, lr=1e-2,
+                    loss="bce-dice", **{**TINY, "model_options": {"features": 8}, "batch_size": 8})
     epochs = epochs_of(tmp_path / "run")
     assert len(epochs) == 4
     assert max(e["val_dice_mean"] for e in epochs[1:]) > epochs[0]["val_dice_mean"] + 0.05
@@ -78,10 +78,10 @@ def test_dice_rises_and_run_folder_is_complete(lgg_cache, tmp_path):
         assert (tmp_path / "run" / name).is_file(), name
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "step"]
-    assert [s["step"] for s in steps] == list(range(1, 25))
+    assert [s["step"] for s in steps] == list(range(1, 33))
     assert all(s["step_time"] >= s["data_wait"] >= 0 for s in steps)
     best = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert best["task"]["kind"] == "binary" and best["model"]["options"] == {"features": 4}
+    assert best["task"]["kind"] == "binary" and best["model"]["options"] == {"features": 8}
     assert best["preprocess"]["norm"] == "zscore" and len(best["modalities"]) == best["model"]["in_channels"]
     assert best["epoch"] == summary["best_epoch"]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
