@@ -8,6 +8,7 @@ interpreter and import start-up 65 times); rows that need dropped privileges or 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -46,6 +47,19 @@ def assert_nothing_looks_valid(command: str, out: Path) -> None:
     assert not hidden, f"temporary files left behind: {hidden}"
 
 
+def record_outcome(entry: BadInput, result, tmp_path: Path) -> None:
+    """With ``MRISEG_CORPUS_REPORT=FILE``, append what each row did (the source of docs/reliability.md)."""
+    report = os.environ.get("MRISEG_CORPUS_REPORT")
+    if not report:
+        return
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    message = lines[0].replace(str(tmp_path) + "/", "").replace(str(tmp_path), ".") if lines else ""
+    with open(report, "a", encoding="utf-8") as stream:
+        stream.write(json.dumps({"name": entry.name, "command": entry.command, "problem": entry.problem,
+                                 "expected": entry.expected, "exit_code": result.returncode,
+                                 "message": message}) + "\n")
+
+
 def test_corpus_is_large_and_uniquely_named():
     names = [entry.name for entry in CORPUS]
     assert len(names) == len(set(names))
@@ -68,6 +82,7 @@ def test_bad_input(entry: BadInput, templates, permission_support, tmp_path, mon
         result = run_main(scenario.args, cwd=tmp_path / "cwd", home=tmp_path / "home",
                           monkeypatch=monkeypatch, capsys=capsys)
     after = snapshot(tmp_path, exclude=(scenario.out,))
+    record_outcome(entry, result, tmp_path)
     assert not describe_changes(before, after), describe_changes(before, after)
     if scenario.exit_code == 0:
         assert result.returncode == 0, result.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -98,6 +99,10 @@ def run_main(args: list[str], cwd: Path, home: Path, monkeypatch, capsys) -> Cli
     return CliResult(code, captured.err + escaped, captured.out)
 
 
+# What may follow an error line: progress and the closing summary of predict, nothing else.
+FOLLOWING_LINE = re.compile(r"^(warning: .*|predict \d+/\d+|all \d+ case\(s\) failed; nothing was written)$")
+
+
 def error_lines(result: subprocess.CompletedProcess | CliResult) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
@@ -111,6 +116,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess | CliResult, fragm
     assert len(lines) == 1, f"expected one error line, got {len(lines)}:\n{result.stderr}"
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    after = result.stderr.splitlines()[result.stderr.splitlines().index(lines[0]) + 1:]
+    continued = [line for line in after if not FOLLOWING_LINE.match(line)]
+    assert not continued, f"the error message goes on over several lines:\n{result.stderr}"
     return lines[0]
 
 
