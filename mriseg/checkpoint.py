@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from mriseg import __version__
-from mriseg.errors import BadInputError
+from mriseg.errors import BadInputError, MrisegError
 
 CHECKPOINT_FORMAT = "mriseg-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -69,7 +68,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise BadInputError(path, "refused to load: the file holds Python objects that would "
                                   f"execute code (only tensors and plain types are allowed): "
                                   f"{_first_line(error)}") from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as error:
+    except Exception as error:  # noqa: BLE001 - random bytes make the unpickler raise IndexError, struct.error, ...
         raise BadInputError(path, f"not a readable checkpoint (truncated or corrupt?): "
                                   f"{_first_line(error)}") from error
     if not isinstance(document, dict) or document.get("format") != CHECKPOINT_FORMAT:
@@ -100,7 +99,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     try:
         model = build_model(model_info["name"], model_info["in_channels"], model_info["out_channels"],
                             spatial_dims=model_info["spatial_dims"], **(model_info.get("options") or {}))
-    except (KeyError, TypeError, ValueError) as error:
+    except (MrisegError, KeyError, TypeError, ValueError) as error:  # e.g. a name not in the registry
         raise BadInputError(source, f"cannot rebuild model {model_info['name']!r}: {_first_line(error)}") from error
     try:
         model.load_state_dict(checkpoint["state_dict"])

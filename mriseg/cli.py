@@ -7,7 +7,9 @@ become one line on stderr and exit code 2, unless ``--debug`` is given.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -147,20 +149,211 @@ def models_command(
 
 # --- train -------------------------------------------------------------------
 
+
+def _numbers(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
+    """``"128,128,64"`` (or ``128x128x64``) -> a tuple of ints."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise MrisegError(f"{option} takes numbers separated by commas, got {text!r}") from None
+
+
+def _model_options(text: Optional[str]) -> dict[str, Any]:
+    """``--model-options '{"features": 16}'`` or ``features=16,variant=buda``."""
+    if not text:
+        return {}
+    if text.lstrip().startswith("{"):
+        try:
+            return dict(json.loads(text))
+        except (ValueError, TypeError) as error:
+            raise MrisegError(f"--model-options is not a JSON object: {error}") from None
+    options: dict[str, Any] = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value.strip()
+    return options
+
+
+@app.command("train")
+def train_command(
+    data: Optional[str] = typer.Argument(None, help="Preprocess cache or raw dataset; none: the embedded "
+                                                    "synthetic LGG-layout default."),
+    model: Optional[str] = typer.Option(None, "--model", help="Network name (mriseg models lists them). (default: unet)"),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder. (default: runs/<model>-<timestamp>, "
+                                                          "with runs/latest pointing at it)"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or runs/latest) from last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    model_options: Optional[str] = typer.Option(None, "--model-options",
+                                                help="Model options: JSON or key=value,... e.g. features=16."),
+    dims: Optional[int] = typer.Option(None, "--dims", help="2: slices of volumes; 3: patches. (default: 2)"),
+    task: Optional[str] = typer.Option(None, "--task", help="auto, binary, multiclass or regions. (default: auto)"),
+    ignore_index: Optional[int] = typer.Option(None, "--ignore-index", help="Label ignored by multi-class losses. (default: 255)"),
+    loss: Optional[str] = typer.Option(None, "--loss", help="dice, bce, bce-dice, soft-iou, ce, dice-ce, focal, "
+                                                            "border-ce. (default: dice)"),
+    bce_weight: Optional[float] = typer.Option(None, "--bce-weight", help="BCE share of bce-dice. (default: 0.5)"),
+    augment: Optional[str] = typer.Option(None, "--augment", help="default, none, or e.g. flip,rotate=15,scale=0.05,"
+                                                                  "elastic=4,intensity. (default: default)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="(default: 50)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per process. (default: 16)"),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch",
+                                                  help="(default: 2D: training slices / batch; 3D: 8 patches per case)"),
+    patch_size: Optional[str] = typer.Option(None, "--patch-size", help="3D patch, e.g. 128,128,128."),
+    uniform_share: Optional[float] = typer.Option(None, "--uniform-share",
+                                                  help="2D: share of slice draws made uniformly. (default: 0.1)"),
+    foreground_share: Optional[float] = typer.Option(None, "--foreground-share",
+                                                     help="3D: share of patches centred on tumour. (default: 0.33)"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw or sgd. (default: adam)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="(default: 1e-3)"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="(default: 0)"),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum. (default: 0.9)"),
+    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="SGD with Nesterov momentum."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="plateau, step, cosine, poly or constant. "
+                                                                    "(default: plateau)"),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up. (default: 0)"),
+    lr_patience: Optional[int] = typer.Option(None, "--lr-patience", help="Plateau epochs before the lr drops. (default: 3)"),
+    lr_factor: Optional[float] = typer.Option(None, "--lr-factor", help="Plateau lr factor. (default: 0.5)"),
+    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Early stop after this many epochs without a "
+                                                                    "better val Dice; 0 = never. (default: 10)"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of patients for validation. "
+                                                                              "(default: 0.2)"),
+    split: Optional[str] = typer.Option(None, "--split", help='JSON file {"train": [ids], "val": [ids]}.'),
+    folds: Optional[int] = typer.Option(None, "--folds", help="K-fold cross-validation by patient."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Which fold validates (0..K-1). (default: 0)"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. (default: auto)"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision: bf16, or fp16 with a grad "
+                                                                    "scaler where bf16 is missing."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                 help="Channels-last memory format."),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers. (default: 0 on CPU, 4 on CUDA)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="(default: 0)"),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between log lines. (default: 10)"),
+    size: Optional[str] = typer.Option(None, "--size", help="Raw DATA only: preprocess to this size, e.g. 128,128."),
+    modalities: Optional[str] = typer.Option(None, "--modalities",
+                                             help="Raw DATA only: name map, e.g. flair=Flair,t1ce=T1c,seg=OT."),
+    as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
+) -> None:
+    """Train a segmentation network; writes a run folder with checkpoints, metrics and curves."""
+    from mriseg.train import train
+
+    settings = {
+        "model_options": _model_options(model_options), "spatial_dims": dims, "task": task,
+        "ignore_index": ignore_index, "loss": loss, "bce_weight": bce_weight, "augment": augment, "epochs": epochs,
+        "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
+        "patch_size": _numbers(patch_size, "--patch-size"), "uniform_share": uniform_share,
+        "foreground_share": foreground_share, "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay,
+        "momentum": momentum, "nesterov": nesterov, "schedule": schedule, "warmup_epochs": warmup_epochs,
+        "lr_patience": lr_patience, "lr_factor": lr_factor, "clip_grad": clip_grad, "patience": patience,
+        "val_fraction": val_fraction, "split": split, "folds": folds, "fold": fold, "device": device, "amp": amp,
+        "channels_last": channels_last, "compile": compile_model, "workers": workers, "seed": seed,
+        "log_every": log_every, "size": _numbers(size, "--size"), "modalities": modalities,
+    }
+    given = {key: value for key, value in settings.items() if value is not None and value != {}}
+    summary = train(data, model=model, out=out, resume=resume, overwrite=overwrite, **given)
+    if as_json and os.environ.get("RANK", "0") == "0":
+        print_json(summary)
+
+
 # --- predict -----------------------------------------------------------------
+
+@app.command()
+def predict(
+    inputs: list[str] = typer.Argument(..., help="NIfTI files, case or patient folders, 2D images, globs; "
+                                                 "- reads one path per line from stdin."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Run folder or .pt checkpoint "
+                                        "[default: $MRISEG_MODEL, else runs/latest]."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder [default: ./predictions/]."),
+    overlap: float = typer.Option(0.5, min=0.0, max=0.95, help="3D models: overlap of sliding windows."),
+    patch_size: Optional[str] = typer.Option(None, "--patch-size",
+                                             help="3D models: window D,H,W [default: the checkpoint's]."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices (2D) or windows (3D) per forward pass."),
+    tta: bool = typer.Option(False, "--tta", help="Average predictions over all axis flips."),
+    amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Binary and region tasks: probability cut-off."),
+    largest_component: bool = typer.Option(False, "--largest-component",
+                                           help="Keep only the largest connected tumour blob."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write the soft maps."),
+    overlay: bool = typer.Option(False, "--overlay", help="PNG per tumour slice: prediction red, truth green."),
+    overlay_modality: Optional[str] = typer.Option(None, "--overlay-modality",
+                                                   help="Channel drawn under outlines [default: flair if present]."),
+    all_slices: bool = typer.Option(False, "--all-slices", help="Overlays and GIFs of every slice."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="True labels to outline (file, or folder of "
+                                          "files named after the cases) [default: labels found beside the input]."),
+    gif: bool = typer.Option(False, "--gif", help="One animated GIF per volume through its slices."),
+    fps: float = typer.Option(10.0, "--fps", min=0.1, help="GIF frames per second."),
+    modalities: Optional[str] = typer.Option(None, "--modalities",
+                                             help="File-name map for case folders, e.g. flair=Flair_,t1ce=T1c_."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: take every n-th input from the i-th "
+                                        "(0-based), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON line per case on stdout."),
+) -> None:
+    """Segment MRI volumes or images with a trained model; masks keep the input's geometry."""
+    # Imported here so that `mriseg --help` and other commands do not pay for importing torch.
+    from pathlib import Path
+
+    from mriseg import predict as predict_module
+    from mriseg.log import info
+
+    options = predict_module.PredictOptions(
+        out=Path(out) if out is not None else predict_module.DEFAULT_OUT, overlap=overlap, batch_size=batch_size, patch_size=_parse_patch_size(patch_size), tta=tta,
+        amp=amp, device=device, threshold=threshold, largest_component=largest_component,
+        probabilities=probabilities, overlay=overlay, overlay_modality=overlay_modality, all_slices=all_slices,
+        labels=Path(labels) if labels is not None else None, gif=gif, gif_fps=fps, modalities=modalities, overwrite=overwrite)
+
+    def report(result: predict_module.CaseResult) -> None:
+        if json_output:
+            print_json(result.as_json())
+        elif result.status == "ok":
+            info(f"{result.case_id}: {result.outputs.get('mask')} ({result.volume_ml:.2f} mL, {result.seconds:.1f} s)")
+        if result.status != "ok":
+            console.print(f"error: {result.error}", markup=False, style="red", soft_wrap=True)
+
+    results = predict_module.predict(inputs, model=model, options=options,
+                                     shard=predict_module.parse_shard(shard) if shard else None, on_result=report)
+    failed = sum(result.status != "ok" for result in results)
+    if results and failed == len(results):  # each failure already had its error line
+        info(f"all {failed} case(s) failed; nothing was written")
+        raise typer.Exit(2)
+    if failed:
+        info(f"{failed} of {len(results)} case(s) failed (see the errors above)")
+        raise typer.Exit(1)
+    if not results:
+        info("nothing to do: this shard holds no inputs")
+
+
+def _parse_patch_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        size = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise MrisegError(f"--patch-size must be numbers like 128,128,128, got {text!r}") from None
+    if len(size) != 3 or min(size) < 1:
+        raise MrisegError(f"--patch-size needs three positive numbers (D,H,W), got {text!r}")
+    return size
 
 # --- evaluate ----------------------------------------------------------------
 
 @app.command("evaluate")
 def evaluate_command(
-    pred: Path = typer.Argument(..., help="Predicted masks: a file, or a folder of <case_id>.nii.gz, "
-                                          "TIF/PNG masks or case folders."),
-    truth: Path = typer.Argument(..., metavar="GT", help="True masks, or a labelled dataset folder."),
+    paths: list[Path] = typer.Argument(..., metavar="PRED GT | DATA",
+                                       help="Predicted masks and the truth (files or folders, matched by case "
+                                            "id; GT may be a labelled dataset); with --model, one labelled DATA."),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o",
                              help="Folder for metrics.csv, summary.json and dsc.png."),
+    model: Optional[Path] = typer.Option(None, "--model",
+                                         help="Run folder or checkpoint: predict DATA in memory and score it."),
     regions: str = typer.Option("auto", "--regions",
-                                help="auto | binary | labels | brats | msd | NAME=1,2;NAME=4 "
-                                     "(auto: BraTS/MSD regions for those datasets, else binary)."),
+                                help="auto | binary | labels | brats | brats2023 | msd | NAME=1,2;NAME=4 "
+                                     "(auto: the dataset's or the checkpoint's regions, else binary)."),
     empty: str = typer.Option("score", "--empty",
                               help="Empty-mask policy. score: both empty -> Dice 1, distances 0; one empty -> "
                                    "Dice 0, distances undefined. ignore: also leave out cases whose truth is empty."),
@@ -168,14 +361,28 @@ def evaluate_command(
     modalities: Optional[str] = typer.Option(None, "--modalities",
                                              help="BraTS file-name map of the GT dataset, e.g. "
                                                   "flair=Flair_x,t1ce=T1c_x,seg=OTMultiClass."),
+    device: str = typer.Option("auto", "--device", help="With --model: cpu, cuda, cuda:1 or auto."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --model: slices or patches per batch."),
+    tta: bool = typer.Option(False, "--tta", help="With --model: average predictions over flips."),
+    largest_component: bool = typer.Option(False, "--largest-component",
+                                           help="With --model: keep only the largest tumour blob."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Per-volume Dice, IoU, HD95, ASSD, sensitivity, precision and volumes, with a Dice bar plot."""
-    from mriseg.evaluate import evaluate, results_table
+    from mriseg.evaluate import evaluate, evaluate_model, results_table
 
-    result = evaluate(pred, truth, out, regions=regions, empty=empty, strict=strict, overwrite=overwrite,
-                      modalities=modalities)
+    if model is not None:
+        if len(paths) != 1:
+            raise typer.BadParameter("with --model give one labelled DATA folder", param_hint="PRED GT | DATA")
+        result = evaluate_model(model, paths[0], out, regions=regions, empty=empty, overwrite=overwrite,
+                                modalities=modalities, device=device, batch_size=batch_size, tta=tta,
+                                largest_component=largest_component)
+    else:
+        if len(paths) != 2:
+            raise typer.BadParameter("give PRED and GT, or --model RUN_DIR DATA", param_hint="PRED GT | DATA")
+        result = evaluate(paths[0], paths[1], out, regions=regions, empty=empty, strict=strict,
+                          overwrite=overwrite, modalities=modalities)
     console.print(results_table(result))
     console.print(f"wrote {out / 'metrics.csv'}, {out / 'summary.json'}, {out / 'dsc.png'}", markup=False)
     if as_json:
@@ -245,6 +452,9 @@ def benchmark(
 # --- demo --------------------------------------------------------------------
 
 
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one line and exit 2.
 
@@ -258,6 +468,15 @@ def main() -> None:
             traceback.print_exc()
         console.print(f"error: {error}", markup=False, style="red", soft_wrap=True)
         sys.exit(error.exit_code)
+    except OSError as error:
+        # A full disk, a read-only or forbidden folder, wherever it is met: the user's to fix.
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        if _state["debug"]:
+            traceback.print_exc()
+        console.print(f"error: {error.filename or 'output'}: {error.strerror}", markup=False, style="red",
+                      soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         if _state["debug"]:
             traceback.print_exc()

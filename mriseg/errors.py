@@ -12,9 +12,16 @@ from pathlib import Path
 
 
 class MrisegError(Exception):
-    """A problem the user can fix; the message is shown as is."""
+    """A problem the user can fix; the message is shown as one line.
+
+    Line breaks and runs of spaces are folded into single spaces: messages quote library
+    errors, and some (nibabel's "... from \\n - could the file be damaged?") span lines.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str = ""):
+        super().__init__(" ".join(str(message).split()))
 
 
 class BadInputError(MrisegError):

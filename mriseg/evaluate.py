@@ -20,7 +20,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,7 +216,11 @@ class MaskVolume:
     values: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.values = np.unique(self.labels)
+        if self.labels.dtype.kind == "u" and self.labels.itemsize <= 2:
+            # A histogram avoids np.unique's sort of the whole volume.
+            self.values = np.flatnonzero(np.bincount(self.labels.ravel()))
+        else:
+            self.values = np.unique(self.labels)
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -461,11 +465,17 @@ def prepare_output_folder(out: Path, overwrite: bool) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path``, then rename: a reader never sees half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise BadInputError(path, f"cannot write ({error.strerror})") from error
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             stream.write(text)
         os.replace(temporary, path)
+    except OSError as error:  # disk full: name the file instead of a bare errno
+        Path(temporary).unlink(missing_ok=True)
+        raise BadInputError(path, f"cannot write ({error.strerror})") from error
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -658,17 +668,92 @@ def results_table(result: EvaluationResult) -> Any:
     table.add_column("region", no_wrap=True)
     for heading in ("Dice", "HD95mm", "ASSDmm", "pred mL", "true mL"):
         table.add_column(heading, justify="right", no_wrap=True)
-    table.add_column("empty", overflow="fold")
+    any_empty = any(row.scores.empty_rule != NOT_EMPTY for row in result.rows)
+    if any_empty:
+        table.add_column("empty", overflow="fold")
     for row in result.rows:
         s = row.scores
+        note = ["" if s.empty_rule == NOT_EMPTY else s.empty_rule] if any_empty else []
         table.add_row(row.case_id, row.region, cell(s.dice), cell(s.hd95, 2), cell(s.assd, 2),
-                      cell(s.pred_ml, 2), cell(s.true_ml, 2), "" if s.empty_rule == NOT_EMPTY else s.empty_rule)
+                      cell(s.pred_ml, 2), cell(s.true_ml, 2), *note)
     table.add_section()
     for region, report in result.summary["regions"].items():
-        empty_counts = ", ".join(f"{n} {rule}" for rule, n in report["empty"].items() if n)
+        counts = ", ".join(f"{n} {rule}" for rule, n in report["empty"].items() if n)
         for statistic in ("mean", "median"):
             values = {metric: report["metrics"][metric][statistic] for metric in METRICS}
+            note = [counts if statistic == "mean" else ""] if any_empty else []
             table.add_row(statistic, region, cell(values["dice"]), cell(values["hd95"], 2),
                           cell(values["assd"], 2), cell(values["pred_ml"], 2), cell(values["true_ml"], 2),
-                          empty_counts if statistic == "mean" else "", style="bold")
+                          *note, style="bold")
     return table
+
+
+# --- predicting in memory (--model) ------------------------------------------------------
+
+def scheme_from_task(task: dict) -> tuple[Region, ...] | None:
+    """The regions a model was trained on (``task.kind == "regions"`` with named regions), if any."""
+    regions = task.get("regions")
+    if task.get("kind") != "regions" or not isinstance(regions, dict):
+        return None
+    return tuple(Region(str(name), tuple(int(v) for v in labels)) for name, labels in regions.items())
+
+
+def predicted_labels(case: Any, loaded: Any, options: Any) -> np.ndarray:
+    """The label map ``mriseg predict`` writes for ``case``, kept in memory.
+
+    The same steps as :func:`mriseg.predict.predict_case` without its writers; a test checks
+    that both give identical masks.
+    """
+    from mriseg.data.preprocess import PreprocessParams, preprocess_case, restore_to_source
+    from mriseg.predict import infer, keep_largest_component, probabilities_to_labels, select_modalities
+
+    selected = select_modalities(case, loaded.modalities, loaded.in_channels)
+    params = PreprocessParams.from_dict(loaded.checkpoint.get("preprocess") or {})
+    image, _, record = preprocess_case(selected, params)
+    probabilities = infer(loaded, np.asarray(image, dtype=np.float32), selected.slice_axis, options)
+    labels = restore_to_source(probabilities_to_labels(probabilities, loaded.task, options.threshold), record)
+    return keep_largest_component(labels) if options.largest_component else labels
+
+
+def evaluate_model(model: Path, data: Path, out: Path, regions: str = "auto", empty: str = "score",
+                   overwrite: bool = False, modalities: str | None = None, device: str = "auto",
+                   batch_size: int = 8, tta: bool = False, largest_component: bool = False) -> EvaluationResult:
+    """Predict every labelled case of ``data`` with ``model`` in memory and score it; nothing but the
+    reports is written.
+
+    The prediction is the one ``mriseg predict`` would write (same checkpoint preprocessing,
+    inference and mapping back to the source grid). ``regions="auto"`` scores the regions the model
+    was trained on when its checkpoint names them, else the dataset's scheme.
+    """
+    from mriseg.data.readers import list_cases, read_case
+    from mriseg.predict import PredictOptions, load_model
+
+    if empty not in EMPTY_POLICIES:
+        raise MrisegError(f"--empty {empty!r}: choose one of {', '.join(EMPTY_POLICIES)}")
+    scheme = parse_regions(regions)
+    loaded = load_model(model, device)
+    refs = list_cases(data, modalities=modalities)
+    labelled = [ref for ref in refs if ref.has_label]
+    if not labelled:
+        raise BadInputError(data, "no case has a label: nothing to score against")
+    if len(labelled) < len(refs):
+        warn(f"{len(refs) - len(labelled)} case(s) in {data} have no label and are not scored")
+    if scheme == "auto":
+        scheme = scheme_from_task(loaded.task) or scheme_for_dataset(labelled[0])
+        info(f"label scheme: {scheme if isinstance(scheme, str) else 'regions of the checkpoint'} "
+             "(change with --regions)")
+    prepare_output_folder(out, overwrite)
+    options = PredictOptions(out=out, batch_size=batch_size, tta=tta, largest_component=largest_component,
+                             device=device, modalities=modalities)
+
+    def pairs() -> Iterator[tuple[MaskVolume, MaskVolume]]:
+        for ref in labelled:
+            case = read_case(ref)
+            # NIfTI carries its voxel size; TIF/PNG slices do not (the reader assumes 1 mm).
+            known = case.affine is not None
+            yield (MaskVolume(case.case_id, predicted_labels(case, loaded, options), case.spacing, case.affine,
+                              loaded.path, spacing_known=known),
+                   MaskVolume(case.case_id, case.label, case.spacing, case.affine, ref.label_paths[0],
+                              spacing_known=known))
+
+    return score_and_report(pairs(), len(labelled), scheme, empty, out)

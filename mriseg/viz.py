@@ -25,6 +25,8 @@ LABEL_COLOURS: dict[int, tuple[int, int, int]] = {
     5: (255, 0, 255), 6: (0, 230, 230), 7: (255, 140, 0), 8: (170, 110, 255),
 }
 LEGEND_HEIGHT = 14
+# Smaller pictures are enlarged (whole pixels) so that the legend and slice number fit.
+MIN_PICTURE_WIDTH = 160
 
 
 def outline(mask: np.ndarray) -> np.ndarray:
@@ -116,15 +118,21 @@ def overlay_picture(grey: np.ndarray, predicted: np.ndarray, truth: np.ndarray |
     each with a legend strip carrying ``caption`` (e.g. the slice number)."""
     if not multiclass:
         entries = [("prediction", PREDICTION_COLOUR)] + ([("truth", TRUTH_COLOUR)] if truth is not None else [])
-        return add_legend(overlay_binary(grey, predicted, truth), entries, caption)
+        return add_legend(enlarged(overlay_binary(grey, predicted, truth)), entries, caption)
     panels = [overlay_labels(grey, predicted)]
     if truth is not None:
         gap = np.full((grey.shape[0], 2, 3), 255, dtype=np.uint8)
         panels += [gap, overlay_labels(grey, truth)]
-        caption = f"left: prediction, right: truth  {caption}"
+        caption = f"{caption}  left: prediction, right: truth"
     entries = [(label_names.get(value, str(value)), colour) for value, colour in LABEL_COLOURS.items()
                if value in label_names]
-    return add_legend(np.concatenate(panels, axis=1), entries, caption)
+    return add_legend(enlarged(np.concatenate(panels, axis=1)), entries, caption)
+
+
+def enlarged(picture: np.ndarray) -> np.ndarray:
+    """Repeat each pixel so that the picture is at least :data:`MIN_PICTURE_WIDTH` wide."""
+    scale = -(-MIN_PICTURE_WIDTH // picture.shape[1])
+    return picture.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else picture
 
 
 def save_png(picture: np.ndarray, path: Path) -> None:
@@ -211,6 +219,45 @@ def plot_dice_bars(dice_by_region: dict[str, dict[str, float]], path: Path) -> d
 
 
 # --- training curves (train) -------------------------------------------------
+
+
+def plot_training_curves(records: list[dict], path: str | Path) -> Path:
+    """Write ``curves.png``: loss per step and per epoch (left), validation Dice per epoch (right).
+
+    ``records`` are the lines of a run's metrics.jsonl (``kind`` step or epoch). Written to a
+    temporary name and renamed, so a reader never sees half a picture.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if r.get("kind") == "step"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    if steps:
+        loss_axis.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="0.75", lw=0.8,
+                       label="train loss (step)")
+    if epochs:
+        at = [r["step"] for r in epochs]
+        loss_axis.plot(at, [r["train_loss"] for r in epochs], "o-", label="train loss (epoch)")
+        loss_axis.plot(at, [r["val_loss"] for r in epochs], "s-", label="val loss")
+        numbers = [r["epoch"] for r in epochs]
+        dice_axis.plot(numbers, [r["val_dice_mean"] for r in epochs], "o-", label="mean")
+        dice_axis.plot(numbers, [r["val_dice_median"] for r in epochs], "s--", label="median")
+    loss_axis.set(xlabel="step", ylabel="loss", title="loss")
+    dice_axis.set(xlabel="epoch", ylabel="per-volume Dice", title="validation Dice", ylim=(0, 1))
+    for axis in (loss_axis, dice_axis):
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
 
 # --- benchmark timeline (benchmark) ------------------------------------------
 

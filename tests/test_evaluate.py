@@ -19,7 +19,7 @@ from PIL import Image
 
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.evaluate import (BOTH_EMPTY, PRED_EMPTY, REGION_SCHEMES, TRUTH_EMPTY, MaskVolume,
-                             evaluate, parse_regions, score_case, score_masks)
+                             evaluate, evaluate_model, parse_regions, score_case, score_masks)
 
 
 def run_cli(*args: object) -> subprocess.CompletedProcess:
@@ -371,3 +371,64 @@ def test_real_brats_case_scored_on_brats_regions(shared_data, tmp_path):
     assert dice["WT"].dice == 1.0 and dice["TC"].dice == 1.0
     assert dice["ET"].empty_rule == PRED_EMPTY and dice["ET"].dice == 0.0
     assert dice["ET"].true_ml == pytest.approx(8219 / 1000)  # PROVENANCE.md: 8219 voxels of label 4 at 1 mm
+
+
+# --- --model: predict in memory ------------------------------------------------------------
+
+def save_small_unet(path: Path, modalities: list[str]) -> Path:
+    """An untrained 2D U-Net checkpoint: its masks are arbitrary but deterministic, which is all
+    a comparison of two ways to score them needs."""
+    import torch
+
+    from mriseg.checkpoint import save_checkpoint
+    from mriseg.data.preprocess import PreprocessParams
+    from mriseg.models import build_model
+
+    torch.manual_seed(0)
+    network = build_model("unet", len(modalities), 1, spatial_dims=2, features=4)
+    torch.nn.init.constant_(list(network.parameters())[-1], 0.05)  # a bias that leaves some voxels positive
+    save_checkpoint(path, {"model": {"name": "unet", "in_channels": len(modalities), "out_channels": 1,
+                                     "spatial_dims": 2, "options": {"features": 4}},
+                           "state_dict": network.state_dict(), "preprocess": PreprocessParams(norm="max").to_dict(),
+                           "modalities": modalities, "task": {"kind": "binary", "labels": [0, 1]},
+                           "epoch": 1, "best_score": 0.0})
+    return path
+
+
+def test_model_mode_scores_exactly_what_predict_writes(tmp_path):
+    from mriseg.data.readers import read_case
+    from mriseg.data.synthetic import write_synthetic
+    from mriseg.predict import PredictOptions, load_model, predict_path
+
+    write_synthetic(tmp_path / "data", layout="lgg", cases=2, seed=3, size=(4, 32, 32))
+    checkpoint = save_small_unet(tmp_path / "model.pt", read_case(next((tmp_path / "data").iterdir())).modalities)
+    in_memory = evaluate_model(checkpoint, tmp_path / "data", tmp_path / "scores_memory")
+
+    loaded = load_model(checkpoint, "cpu")
+    for case_folder in sorted((tmp_path / "data").iterdir()):
+        [written] = predict_path(str(case_folder), loaded, PredictOptions(out=tmp_path / "pred"))
+        assert written.status == "ok", written.error
+    on_disk = evaluate(tmp_path / "pred", tmp_path / "data", tmp_path / "scores_disk", strict=True)
+
+    assert [r.as_record() for r in in_memory.rows] == [r.as_record() for r in on_disk.rows]
+    assert len(in_memory.rows) == 2
+
+
+def test_auto_scheme_follows_the_dataset_and_the_checkpoint():
+    from types import SimpleNamespace
+
+    from mriseg.evaluate import scheme_from_task, scheme_for_dataset
+
+    def ref(layout, naming="", label_names=()):
+        return SimpleNamespace(layout=layout, naming=naming, label_names=label_names)
+
+    assert scheme_for_dataset(ref("brats")) == "brats"
+    assert scheme_for_dataset(ref("brats", naming="brats2023")) == "brats2023"
+    msd_brain = ((0, "background"), (1, "edema"), (2, "non-enhancing tumor"), (3, "enhancing tumour"))
+    assert scheme_for_dataset(ref("msd", label_names=msd_brain)) == "msd"
+    assert scheme_for_dataset(ref("msd", label_names=((0, "background"), (1, "tumour")))) == "binary"
+    assert scheme_for_dataset(ref("msd", label_names=((0, "bg"), (1, "liver"), (2, "cancer")))) == "labels"
+    assert scheme_for_dataset(ref("lgg")) == "binary"
+    regions = scheme_from_task({"kind": "regions", "regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}})
+    assert [(r.name, r.labels) for r in regions] == [("WT", (1, 2, 4)), ("TC", (1, 4)), ("ET", (4,))]
+    assert scheme_from_task({"kind": "binary", "labels": [0, 1]}) is None

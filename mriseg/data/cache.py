@@ -48,10 +48,18 @@ def source_signature(ref: CaseRef) -> list[dict[str, Any]]:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON under a temporary name in the same folder, then rename over ``path``."""
+    """Write JSON under a temporary name in the same folder, then rename over ``path``.
+
+    Raises:
+        MrisegError: the folder is not writable or the disk is full (the temporary file is removed).
+    """
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    temporary.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise MrisegError(f"{path}: cannot write ({error.strerror})") from error
 
 
 def _replace_folder(temporary: Path, final: Path) -> None:
@@ -77,12 +85,17 @@ def process_one(ref: CaseRef, params_dict: dict, cases_dir: str, require_label: 
     image, label, record = preprocess_case(case, params)
     final = Path(cases_dir) / ref.case_id
     temporary = final.with_name(f".{ref.case_id}.{uuid.uuid4().hex}.tmp")
-    temporary.mkdir(parents=True)
     try:
+        temporary.mkdir(parents=True)
         np.save(temporary / "image.npy", image)
         if label is not None:
             np.save(temporary / "label.npy", label)
         _replace_folder(temporary, final)
+    except OSError as error:  # disk full, read-only or vanished folder: stop the run, not just this case
+        shutil.rmtree(temporary, ignore_errors=True)
+        # numpy reports a short write on a full disk as "N requested and M written", without an errno.
+        reason = error.strerror or f"{error}: short write, the disk is probably full"
+        raise MrisegError(f"{final}: cannot write the cached case ({reason})") from error
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -144,10 +157,15 @@ def build_cache(source: str | Path, out: str | Path, params: PreprocessParams, l
                                   f"({json.dumps(previous['params'])}, layout {previous.get('layout')}); "
                                   "pass --force to rebuild it")
             previous = None
+    elif out.exists() and not out.is_dir():
+        raise BadInputError(out, "exists and is not a folder; choose a new folder for the cache")
     elif out.exists() and any(out.iterdir()):
         raise MrisegError(f"{out}: exists and is not an mriseg cache; choose an empty or new folder")
     cases_dir = out / "cases"
-    cases_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cases_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MrisegError(f"{out}: cannot create the cache folder ({error.strerror})") from error
     for stale in cases_dir.glob(".*.tmp"):  # left by an interrupted run
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -199,6 +217,10 @@ def build_cache(source: str | Path, out: str | Path, params: PreprocessParams, l
     if not records:
         raise MrisegError(f"{source}: no case could be preprocessed ({len(summary.bad)} bad)")
     _check_consistent(records, refs)
+    shapes = {tuple(r["shape"]) for r in records.values()}
+    if len(shapes) > 1 and params.size is None:
+        log.warn(f"the cases have {len(shapes)} different shapes; models trained on whole images in "
+                 "batches need one size (--size)")
     save_manifest(complete=True)
     if summary.bad:
         log.warn(f"skipped {len(summary.bad)} bad case(s): " + ", ".join(b["case"] for b in summary.bad))
@@ -211,7 +233,8 @@ def _unchanged(record: dict, ref: CaseRef, cases_dir: Path) -> bool:
     except BadInputError:
         return False
     folder = cases_dir / ref.case_id
-    files_present = (folder / "image.npy").is_file() and (not record.get("has_label") or (folder / "label.npy").is_file())
+    label_present = not record.get("has_label") or (folder / "label.npy").is_file()
+    files_present = (folder / "image.npy").is_file() and label_present
     return same_sources and files_present
 
 

@@ -106,13 +106,31 @@ def _is_2d_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_2D_SUFFIXES
 
 
+def _entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` not starting with a dot (MSD tarballs carry macOS ``._`` files)."""
+    try:
+        entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    except OSError as error:
+        raise BadInputError(folder, f"cannot list folder ({error.strerror})") from error
+    for entry in entries:
+        if entry.is_symlink() and not entry.exists() and (_is_nifti(entry) or _is_2d_image(entry)):
+            raise BadInputError(entry, "is a symbolic link that points nowhere or to itself")
+    return entries
+
+
 def _visible_files(folder: Path) -> list[Path]:
-    """Files in ``folder`` not starting with a dot (MSD tarballs carry macOS ``._`` files)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return sorted(p for p in _entries(folder) if p.is_file())
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in _entries(folder) if p.is_dir())
+
+
+def _require_existing(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise BadInputError(path, "is a symbolic link that points nowhere or to itself")
+    if not path.exists():
+        raise BadInputError(path, "no such file or folder")
 
 
 def parse_modalities(spec: str | dict[str, str] | None) -> dict[str, str] | None:
@@ -135,9 +153,9 @@ def parse_modalities(spec: str | dict[str, str] | None) -> dict[str, str] | None
 
 def _lgg_patient_files(folder: Path) -> bool:
     """A kaggle_3m patient folder: slice masks, or (without masks, for predict) slices named after the folder."""
-    for file in folder.iterdir():
+    for file in _visible_files(folder):
         match = LGG_MASK.match(file.name) or LGG_SLICE.match(file.name)
-        if match and file.is_file() and (file.name.endswith("_mask.tif") or match["patient"] == folder.name):
+        if match and (file.name.endswith("_mask.tif") or match["patient"] == folder.name):
             return True
     return False
 
@@ -184,8 +202,7 @@ def detect_layout(path: str | Path) -> str:
         BadInputError: the path does not exist or matches no layout.
     """
     path = Path(path)
-    if not path.exists():
-        raise BadInputError(path, "no such file or folder")
+    _require_existing(path)
     if path.is_file():
         raise BadInputError(path, "is a file; a dataset is a folder (see docs/data-formats.md)")
     subdirs = _visible_dirs(path)
@@ -308,6 +325,8 @@ def _list_msd(root: Path) -> list[CaseRef]:
         stem = _strip_suffix(file.name)[0]
         match = NNUNET_CHANNEL.match(stem)
         case_id, channel = (match["case"], int(match["channel"])) if match else (stem, -1)
+        if channel in groups.get(case_id, {}):
+            raise BadInputError(file, f"case {case_id} is also given by {groups[case_id][channel].name}")
         groups.setdefault(case_id, {})[channel] = file
     refs = []
     for case_id, channels in sorted(groups.items()):
@@ -373,8 +392,7 @@ def list_cases(path: str | Path, layout: str | None = None,
         BadInputError: missing path, unknown layout, or no cases found.
     """
     path = Path(path)
-    if not path.exists():
-        raise BadInputError(path, "no such file or folder")
+    _require_existing(path)
     if not path.is_dir():
         raise BadInputError(path, "is a file; a dataset is a folder")
     layout = layout or detect_layout(path)
@@ -438,8 +456,11 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a NIfTI file: (array in nibabel's voxel order, affine, header geometry)."""
     import nibabel as nib
 
+    _check_readable(path)
     try:
-        image = nib.load(str(path))
+        with nib.imageglobals.LoggingOutputSuppressor():  # its header fixes are reported once, below
+            image = nib.load(str(path))
+        _check_voxel_sizes(path, type(image.header))
         array = np.asanyarray(image.dataobj)
         header = image.header
         geometry = {
@@ -453,6 +474,35 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     except Exception as error:  # nibabel, gzip, zlib and OS errors alike: the file is unusable
         raise BadInputError(path, f"cannot read NIfTI ({type(error).__name__}: {error})") from error
     return array, affine, geometry
+
+
+def _check_readable(path: Path) -> None:
+    """Name the OS's reason (permission, a folder, ...) that nibabel's own message hides."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise BadInputError(path, f"cannot open ({error.strerror})") from error
+
+
+def _check_voxel_sizes(path: Path, header_class: type) -> None:
+    """Refuse zero or non-finite voxel sizes, which nibabel would silently replace by 1 mm.
+
+    Negative sizes break the standard too, but their meaning is clear (nibabel, like ITK,
+    takes the absolute value), so they are accepted with a warning.
+    """
+    import nibabel as nib
+
+    with nib.openers.ImageOpener(str(path)) as stream:
+        raw = header_class.from_fileobj(stream, check=False)
+    dims = int(raw["dim"][0])
+    sizes = [float(z) for z in raw["pixdim"][1:1 + min(max(dims, 1), 3)]]
+    if not all(np.isfinite(sizes)) or 0.0 in sizes:
+        raise BadInputError(path, f"voxel size (pixdim) {sizes} must be finite and non-zero")
+    if min(sizes) < 0:
+        from mriseg import log
+
+        log.warn(f"{path}: negative voxel size (pixdim) {sizes}; using absolute values")
 
 
 def read_image_2d(path: Path) -> np.ndarray:
@@ -534,6 +584,18 @@ def _read_lgg(ref: CaseRef) -> Case:
                         "label_names": {str(k): v for k, v in ref.label_names}})
 
 
+# Largest difference (mm) between two affines taken as the same grid: float32 rounding, not another scan.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def _check_same_grid(path: Path, file_affine: np.ndarray, reference: Path, affine: np.ndarray) -> None:
+    """Files of one case must share a voxel grid; mixing grids would misalign channels or labels."""
+    if not np.allclose(file_affine, affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
+        difference = float(np.abs(file_affine - affine).max())
+        raise BadInputError(path, f"affine differs from that of {reference.name} by up to {difference:.3g} mm "
+                                  "(not on the same voxel grid; resample it first)")
+
+
 def _read_nifti_case(ref: CaseRef, channels_last_4d: bool) -> Case:
     channels: list[np.ndarray] = []
     affine = geometry = None
@@ -545,8 +607,8 @@ def _read_nifti_case(ref: CaseRef, channels_last_4d: bool) -> Case:
         elif array.ndim == 3:
             parts = [array]
         else:
-            raise BadInputError(path, f"expected a 3D volume{' or 4D channels-last volume' if channels_last_4d else ''}, "
-                                      f"got shape {array.shape}")
+            allowed = "a 3D volume or a 4D channels-last volume" if channels_last_4d else "a 3D volume"
+            raise BadInputError(path, f"expected {allowed}, got shape {array.shape}")
         for part in parts:
             if channels and part.shape != channels[0].shape:
                 raise BadInputError(path, f"shape {part.shape} differs from {channels[0].shape} of {reference.name}")
@@ -555,17 +617,27 @@ def _read_nifti_case(ref: CaseRef, channels_last_4d: bool) -> Case:
             channels.append(part)
         if affine is None:
             affine, geometry, reference = file_affine, file_geometry, path
+        else:
+            _check_same_grid(path, file_affine, reference, affine)
     image = np.stack(channels)
     label = None
     if ref.label_paths:
         path = ref.label_paths[0]
-        array, _, _ = read_nifti(path)
+        array, label_affine, _ = read_nifti(path)
         if array.ndim == 4 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.shape != image.shape[1:]:
             raise BadInputError(path, f"label shape {array.shape} differs from image shape {image.shape[1:]} "
                                       f"of {reference.name}")
         label = _as_label(array, path)
+        _check_same_grid(path, label_affine, reference, affine)
+        if set(np.unique(label).tolist()) == {0, 255}:  # a binary mask saved as 0/255
+            label = binary_mask_from_255(label, path)
+        if ref.layout == "msd" and ref.label_names:
+            unknown = sorted(set(np.unique(label).tolist()) - {value for value, _ in ref.label_names})
+            if unknown:
+                raise BadInputError(path, f"label values {unknown} are not among the labels of dataset.json "
+                                          f"({sorted(value for value, _ in ref.label_names)})")
     modalities = list(ref.modalities) if len(ref.modalities) == image.shape[0] else \
         [f"channel{c}" for c in range(image.shape[0])]
     geometry = dict(geometry)
@@ -622,8 +694,7 @@ def read_case(ref_or_path: CaseRef | str | Path, layout: str | None = None,
         ref = ref_or_path
     else:
         path = Path(ref_or_path)
-        if not path.exists():
-            raise BadInputError(path, "no such file or folder")
+        _require_existing(path)
         if path.is_file():
             ref = _single_file_ref(path)
         else:

@@ -57,7 +57,7 @@ DEFAULT_DATASET = {
     "lgg": {"cases": 16, "size": (20, 128, 128), "seed": 0, "preprocess": {"norm": "zscore", "dtype": "float16"}},
     "brats": {"cases": 8, "size": (64, 64, 48), "seed": 0, "preprocess": {"norm": "zscore", "dtype": "float16"}},
 }
-DEFAULT_DATASET_VERSION = 1
+DEFAULT_DATASET_VERSION = 1  # bump whenever the phantoms or the spec change: the name keys the cache
 
 
 @dataclass
@@ -263,8 +263,8 @@ def default_dataset(layout: str = "lgg") -> Path:
 
     lgg: 16 patients of 20 slices at 128x128 (seed 0), z-scored, float16. brats: 8 cases of
     64x64x48. The cache is ``$MRISEG_HOME/datasets/synthetic-<layout>-v1``, its source files
-    are beside it in ``synthetic-<layout>-v1-raw``. Safe when several processes call it at once: one builds under a lock, into a
-    temporary folder renamed into place; the others wait and reuse it.
+    are beside it in ``synthetic-<layout>-v1-raw``. Safe when several processes call it at once:
+    one builds under a lock, into a temporary folder renamed into place; the others wait and reuse it.
     """
     from mriseg.data.cache import build_cache, open_cache
     from mriseg.data.preprocess import PreprocessParams

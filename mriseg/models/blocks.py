@@ -112,6 +112,32 @@ class UpConcat(nn.Module):
         return self.block(merged)
 
 
+class AttentionGate(nn.Module):
+    """Additive attention gate (Oktay et al. 2018): reweights a skip by coefficients in [0, 1].
+
+    ``alpha = sigmoid(BN(psi(relu(BN(W_g g) + BN(W_x x)))))`` with 1x1 convolutions;
+    ``g (N, C_g, *S)`` is the up-sampled coarser signal, ``x (N, C_x, *S)`` the skip;
+    returns ``x * alpha`` with ``alpha (N, 1, *S)``. The gating signal is taken after the
+    up-convolution, so ``g`` and ``x`` share a grid (as in MONAI's ``AttentionUnet``) instead of
+    the paper's strided ``W_x`` and resampled coefficients.
+    """
+
+    def __init__(self, spatial_dims: int, gate_channels: int, skip_channels: int, inter_channels: int):
+        super().__init__()
+        conv, norm = conv_layer(spatial_dims), batch_norm_layer(spatial_dims)
+        self.project_gate = nn.Sequential(conv(gate_channels, inter_channels, 1, bias=False), norm(inter_channels))
+        self.project_skip = nn.Sequential(conv(skip_channels, inter_channels, 1, bias=False), norm(inter_channels))
+        self.relu = nn.ReLU(inplace=True)
+        self.psi = nn.Sequential(conv(inter_channels, 1, 1, bias=False), norm(1), nn.Sigmoid())
+
+    def coefficients(self, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The attention map ``(N, 1, *S)``, values in [0, 1]."""
+        return self.psi(self.relu(self.project_gate(gate) + self.project_skip(skip)))
+
+    def forward(self, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return skip * self.coefficients(gate, skip)
+
+
 class EncoderStage(nn.Module):
     """``(x, *skips) -> (y, *skips, y)`` with ``y = block(pool(x))``; the stage's output is also a skip."""
 

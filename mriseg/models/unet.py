@@ -21,7 +21,7 @@ from typing import Optional
 from torch import nn
 
 from mriseg.errors import MrisegError
-from mriseg.models.blocks import (BottleneckStage, DecoderStage, DoubleConv, EncoderStage, StagedNetwork,
+from mriseg.models.blocks import (AttentionGate, BottleneckStage, DecoderStage, DoubleConv, EncoderStage, StagedNetwork,
                                   UpConcat, conv_layer, divisible_by, max_pool_layer)
 
 VARIANTS = ("buda", "original")
@@ -37,10 +37,41 @@ def valid_unet_size_rule(spatial_size: Sequence[int]) -> Optional[str]:
             f"(output is 184 smaller)")
 
 
+def unet_stages(spatial_dims: int, in_channels: int, out_channels: int, features: int, original: bool = False,
+                attention: bool = False) -> dict[str, nn.Module]:
+    """The stages of a U-Net with widths ``features * (1, 2, 4, 8, 16)``.
+
+    ``original``: valid convolutions without batch norm, crop-and-concatenate (2015 paper);
+    ``attention``: an :class:`AttentionGate` on each skip (Oktay et al. 2018).
+    """
+    padding = 0 if original else None
+    norm = not original
+    widths = [features * 2 ** level for level in range(5)]
+    pool = max_pool_layer(spatial_dims)
+    stages: dict[str, nn.Module] = {}
+    previous = in_channels
+    for level in range(4):
+        stages[f"enc{level + 1}"] = EncoderStage(
+            DoubleConv(spatial_dims, previous, widths[level], padding=padding, norm=norm),
+            pool=pool(2) if level > 0 else None)
+        previous = widths[level]
+    stages["bottleneck"] = BottleneckStage(
+        DoubleConv(spatial_dims, widths[3], widths[4], padding=padding, norm=norm), pool=pool(2))
+    for level in reversed(range(4)):
+        width = widths[level]
+        block = DoubleConv(spatial_dims, 2 * width, width, padding=padding, norm=norm)
+        gate = AttentionGate(spatial_dims, width, width, max(1, width // 2)) if attention else None
+        head = conv_layer(spatial_dims)(widths[0], out_channels, kernel_size=1) if level == 0 else None
+        up_concat = UpConcat(spatial_dims, widths[level + 1], width, width, block=block, gate=gate,
+                             crop=original, skip_first=original)
+        stages[f"dec{level + 1}"] = DecoderStage(up_concat, head=head)
+    return stages
+
+
 class UNet(StagedNetwork):
     """U-Net (Ronneberger et al. 2015; same-padding version as Buda et al. 2019).
 
-    Stages: ``enc1..enc4`` (double conv, the first four preceded by nothing / max-pool),
+    Stages: ``enc1..enc4`` (double conv, preceded by a 2x2 max-pool except in ``enc1``),
     ``bottleneck``, ``dec4..dec1`` (transposed conv, concat skip, double conv; ``dec1`` ends
     with the 1x1 head). Widths ``features * (1, 2, 4, 8, 16)``.
     """
@@ -52,25 +83,7 @@ class UNet(StagedNetwork):
         original = variant == "original"
         if features is None:
             features = 64 if original else 32
-        padding = 0 if original else None
-        norm = not original
-        widths = [features * 2 ** level for level in range(5)]
-        pool = max_pool_layer(spatial_dims)
-        stages: dict[str, nn.Module] = {}
-        previous = in_channels
-        for level in range(4):
-            stages[f"enc{level + 1}"] = EncoderStage(
-                DoubleConv(spatial_dims, previous, widths[level], padding=padding, norm=norm),
-                pool=pool(2) if level > 0 else None)
-            previous = widths[level]
-        stages["bottleneck"] = BottleneckStage(
-            DoubleConv(spatial_dims, widths[3], widths[4], padding=padding, norm=norm), pool=pool(2))
-        for level in reversed(range(4)):
-            block = DoubleConv(spatial_dims, 2 * widths[level], widths[level], padding=padding, norm=norm)
-            head = conv_layer(spatial_dims)(widths[0], out_channels, kernel_size=1) if level == 0 else None
-            up_concat = UpConcat(spatial_dims, widths[level + 1], widths[level], widths[level], block=block,
-                                 crop=original, skip_first=original)
-            stages[f"dec{level + 1}"] = DecoderStage(up_concat, head=head)
+        stages = unet_stages(spatial_dims, in_channels, out_channels, features, original=original)
         name = "unet (original)" if original else "unet"
         super().__init__(name, spatial_dims, in_channels, stages,
                          valid_unet_size_rule if original else divisible_by(16))
