@@ -201,7 +201,7 @@ def make_read_only():
 
 
 @pytest.mark.parametrize("how", ["chmod", "ro-mount"])
-@pytest.mark.parametrize("command", ["preprocess-new", "preprocess-update", "evaluate"])
+@pytest.mark.parametrize("command", ["preprocess-new", "preprocess-update", "evaluate", "predict", "train"])
 def test_read_only_output(command, how, lgg, masks, permissions, make_read_only, tmp_path):
     if how == "chmod" and not permissions[0]:
         pytest.skip(permissions[1])
@@ -221,9 +221,20 @@ def test_read_only_output(command, how, lgg, masks, permissions, make_read_only,
         manifest["source"] = str((tmp_path / "src").resolve())
         (out / "manifest.json").write_text(json.dumps(manifest))
         args = ["preprocess", str(tmp_path / "src"), str(out)]
-    else:
+    elif command == "evaluate":
         out = parent / "evaluation"
         args = ["evaluate", str(masks), str(masks), "--regions", "brats", "--out", str(out)]
+    elif command == "predict":
+        from corrupt.corpus import tiny_checkpoint
+
+        checkpoint = tiny_checkpoint(tmp_path / "best.pt")
+        out = parent / "predictions"
+        args = ["predict", str(next(p for p in source.iterdir() if p.is_dir())), "--model", str(checkpoint),
+                "--out", str(out), "--device", "cpu"]
+    else:
+        out = parent / "run"
+        args = ["train", str(reference), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "1",
+                "--model-options", "features=4", "--batch-size", "2", "--device", "cpu"]
     locked = out if command == "preprocess-update" else parent
     make_read_only(locked, how)
     before = snapshot(tmp_path, exclude=(tmp_path / "home",))
