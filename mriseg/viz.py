@@ -213,6 +213,10 @@ def plot_dice_bars(dice_by_region: dict[str, dict[str, float]], path: Path) -> d
     try:
         figure.savefig(temporary, format="png", dpi=100)
         os.replace(temporary, path)
+    except OSError as error:  # a full disk: name the picture, not a bare errno
+        from mriseg.errors import BadInputError
+
+        raise BadInputError(path, f"cannot write ({error.strerror or error})") from error
     finally:
         temporary.unlink(missing_ok=True)
     return drawn

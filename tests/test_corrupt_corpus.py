@@ -66,6 +66,12 @@ def test_corpus_is_large_and_uniquely_named():
     assert sum(entry.expected == "refused" for entry in CORPUS) >= 40
 
 
+def test_every_row_is_in_the_reliability_table():
+    table = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    missing = [entry.name for entry in CORPUS if f"| `{entry.name}` |" not in table]
+    assert not missing, f"rows missing from docs/reliability.md: {missing}"
+
+
 @pytest.mark.parametrize("entry", CORPUS, ids=[entry.name for entry in CORPUS])
 def test_bad_input(entry: BadInput, templates, permission_support, tmp_path, monkeypatch, capsys):
     workspace = Workspace(tmp_path, templates)
