@@ -804,7 +804,6 @@ def _report(config: BenchmarkConfig, ranks: list[dict[str, Any]]) -> dict[str, A
     full = profiles[config.batch_size]
     single_times = first["single"]["times"]
     single_median = statistics.median(single_times)
-    single_compute = sum(r["forward_s"] + r["backward_s"] for r in full)
     cuts: dict[str, int] = first["cuts"]
     names = [r["name"] for r in full]
     peaks_kind = first["single"]["memory_kind"]
@@ -823,7 +822,7 @@ def _report(config: BenchmarkConfig, ranks: list[dict[str, Any]]) -> dict[str, A
                        groups=[names[:cut], names[cut:]],
                        schedule=None if schedule == "naive" else schedule, micro_batches=micro_batches,
                        bubble_fraction=bubble_fraction(2, micro_batches),
-                       predicted_step_s=predicted, predicted_speedup=single_compute / predicted,
+                       predicted_step_s=predicted, predicted_speedup=single_median / predicted,
                        peak_memory_bytes=[r["peak"] for r in per_rank] if not config.one_process else [per_rank[0]["peak"]],
                        bytes_sent_per_step=sum(r["sent_forward"] + r["sent_backward"] for r in per_rank),
                        bytes_sent_forward=sum(r["sent_forward"] for r in per_rank),
@@ -838,7 +837,7 @@ def _report(config: BenchmarkConfig, ranks: list[dict[str, Any]]) -> dict[str, A
         dp_profile = profiles[math.ceil(config.batch_size / config.world_size)]
         predicted = sum(r["forward_s"] + r["backward_s"] for r in dp_profile)
         entry = _entry("data parallel", config, times, single_median, micro_batches=None,
-                       predicted_step_s=predicted, predicted_speedup=single_compute / predicted,
+                       predicted_step_s=predicted, predicted_speedup=single_median / predicted,
                        peak_memory_bytes=[r["peak"] for r in per_rank],
                        bytes_sent_per_step=first["data_parallel"]["allreduce_bytes"])
         entry["efficiency"] = entry["speedup"] / entry["predicted_speedup"]
