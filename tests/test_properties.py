@@ -84,8 +84,19 @@ def test_normalisation_is_finite_and_in_range(image, method):
             assert (out[c][image[c] == background[c]] == 0).all()
 
 
+@st.composite
+def varied_images(draw) -> np.ndarray:
+    """Images whose every channel has spread (drawing arbitrary arrays and filtering the flat ones
+    out rejected so many that hypothesis's filter health check failed at random)."""
+    shape = draw(st.tuples(st.integers(1, 2), st.integers(2, 6), st.integers(2, 6), st.integers(1, 4)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    centre = draw(st.floats(-1e3, 1e3))
+    spread = draw(st.floats(0.1, 10)) * max(1.0, abs(centre))
+    return rng.normal(centre, spread, size=shape).astype(np.float32)
+
+
 @settings(max_examples=40, deadline=None)
-@given(image=finite_images, scale=st.floats(0.01, 100), shift=st.floats(-100, 100))
+@given(image=varied_images(), scale=st.floats(0.01, 100), shift=st.floats(-100, 100))
 def test_zscore_of_the_brain_is_standard_and_ignores_scale_and_shift(image, scale, shift):
     """z-score over the non-background voxels: mean 0, std 1, and the same after a*x + b (a > 0)."""
     brain = image != background_values(image).reshape(-1, 1, 1, 1)
