@@ -28,9 +28,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+    epilog="Start with `mriseg demo` (a few minutes on a laptop CPU); `mriseg COMMAND --help` shows each command.",
 )
 
 _state: dict[str, Any] = {"debug": False}
+
+
+def examples(*commands: str) -> str:
+    """A help epilog listing example command lines (blank lines keep rich from joining them)."""
+    return "Examples:\n\n" + "\n\n".join(f"  {command}" for command in commands)
+
 
 
 def _version_callback(value: bool) -> None:
@@ -60,16 +68,20 @@ def print_json(payload: Any) -> None:
 # --- synth -------------------------------------------------------------------
 
 
-@app.command()
+@app.command(epilog=examples("mriseg synth data/synth-lgg --layout lgg --cases 16 --size 20,128,128",
+                             "mriseg synth data/synth-brats --layout brats --cases 4 --seed 1"))
 def synth(
     out: str = typer.Argument(..., help="Folder to write the synthetic cases into."),
-    layout: str = typer.Option("lgg", help="lgg (kaggle_3m TIF slices) | brats (BraTS 2021 NIfTI)."),
-    cases: int = typer.Option(16, min=1, help="Number of cases (patients)."),
-    seed: int = typer.Option(0, help="Random seed; case i depends only on (seed, i)."),
+    layout: str = typer.Option("lgg", help="lgg (kaggle_3m TIF slices) | brats (BraTS 2021 NIfTI).",
+                               rich_help_panel="Data"),
+    cases: int = typer.Option(16, min=1, help="Number of cases (patients).", rich_help_panel="Data"),
+    seed: int = typer.Option(0, help="Random seed; case i depends only on (seed, i).", rich_help_panel="Data"),
     size: Optional[str] = typer.Option(None, help="lgg: SLICES,H,W or H,W (default 24,256,256); "
-                                                  "brats: X,Y,Z (default 128,128,80)."),
-    overwrite: bool = typer.Option(False, help="Replace synthetic cases that already exist in OUT."),
-    json_output: bool = typer.Option(False, "--json", help="Print the written case folders as JSON."),
+                                                  "brats: X,Y,Z (default 128,128,80).", rich_help_panel="Data"),
+    overwrite: bool = typer.Option(False, help="Replace synthetic cases that already exist in OUT.",
+                                   rich_help_panel="Output"),
+    json_output: bool = typer.Option(False, "--json", help="Print the written case folders as JSON.",
+                                     rich_help_panel="Output"),
 ) -> None:
     """Write synthetic brain MRI with tumours in the real on-disk formats (deterministic for a seed)."""
     from mriseg.data.preprocess import parse_size
@@ -86,23 +98,34 @@ def synth(
 # --- preprocess --------------------------------------------------------------
 
 
-@app.command()
+@app.command(epilog=examples("mriseg preprocess data/synth-lgg cache/lgg --workers 2",
+                             "mriseg preprocess kaggle_3m cache/lgg --size 128,128 --skip-bad",
+                             "mriseg preprocess BraTS2021_Training cache/brats --crop --size 128,128,128 --json"))
 def preprocess(
     source: str = typer.Argument(..., help="Dataset folder (lgg, brats, msd or pairs layout)."),
     out: str = typer.Argument(..., help="Cache folder to create or update."),
-    layout: Optional[str] = typer.Option(None, help="lgg | brats | msd | pairs (detected when omitted)."),
+    layout: Optional[str] = typer.Option(None, help="lgg | brats | msd | pairs (detected when omitted).",
+                                         rich_help_panel="Input"),
     modalities: Optional[str] = typer.Option(
-        None, help="BraTS file-name map, e.g. flair=Flair_subtrMeanDivStd,t1ce=T1c_subtrMeanDivStd,seg=OTMultiClass."),
-    size: Optional[str] = typer.Option(None, help="Resize to H,W (in-plane) or D,H,W (nearest neighbour)."),
-    crop: bool = typer.Option(False, "--crop/--no-crop", help="Crop to the non-background bounding box first."),
-    norm: str = typer.Option("zscore", help="Per-channel normalisation: zscore | minmax | max | percentile."),
-    label_map: Optional[str] = typer.Option(None, help="Replace label values, e.g. 3:1 (BraTS 2013 -> 2017+)."),
-    dtype: str = typer.Option("float16", help="Image storage type: float16 | float32."),
-    workers: int = typer.Option(1, min=1, help="Cases processed in parallel."),
-    force: bool = typer.Option(False, help="Rebuild a cache made with other parameters."),
-    skip_bad: bool = typer.Option(False, help="Go on past bad cases and list them at the end."),
-    allow_unlabelled: bool = typer.Option(False, help="Cache cases that have no label (images only)."),
-    json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+        None, help="BraTS file-name map, e.g. flair=Flair_subtrMeanDivStd,t1ce=T1c_subtrMeanDivStd,seg=OTMultiClass.",
+                                             rich_help_panel="Input"),
+    size: Optional[str] = typer.Option(None, help="Resize to H,W (in-plane) or D,H,W (nearest neighbour).",
+                                       rich_help_panel="Preprocessing"),
+    crop: bool = typer.Option(False, "--crop/--no-crop", help="Crop to the non-background bounding box first.",
+                              rich_help_panel="Preprocessing"),
+    norm: str = typer.Option("zscore", help="Per-channel normalisation: zscore | minmax | max | percentile.",
+                             rich_help_panel="Preprocessing"),
+    label_map: Optional[str] = typer.Option(None, help="Replace label values, e.g. 3:1 (BraTS 2013 -> 2017+).",
+                                            rich_help_panel="Preprocessing"),
+    dtype: str = typer.Option("float16", help="Image storage type: float16 | float32.",
+                              rich_help_panel="Preprocessing"),
+    workers: int = typer.Option(1, min=1, help="Cases processed in parallel.", rich_help_panel="Output"),
+    force: bool = typer.Option(False, help="Rebuild a cache made with other parameters.", rich_help_panel="Output"),
+    skip_bad: bool = typer.Option(False, help="Go on past bad cases and list them at the end.",
+                                  rich_help_panel="Input"),
+    allow_unlabelled: bool = typer.Option(False, help="Cache cases that have no label (images only).",
+                                          rich_help_panel="Input"),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout.", rich_help_panel="Output"),
 ) -> None:
     """Turn a dataset into a fast .npy training cache (incremental: unchanged cases are skipped)."""
     from mriseg.data.cache import build_cache
@@ -123,7 +146,7 @@ def preprocess(
 # --- models ------------------------------------------------------------------
 
 
-@app.command("models")
+@app.command("models", epilog=examples("mriseg models", "mriseg models --json"))
 def models_command(
     as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout."),
 ) -> None:
@@ -179,65 +202,109 @@ def _model_options(text: Optional[str]) -> dict[str, Any]:
     return options
 
 
-@app.command("train")
+@app.command("train", epilog=examples(
+    "mriseg train --model attention-unet",
+    "mriseg train cache/lgg --model unet --loss bce-dice --epochs 50 --out runs/lgg",
+    "mriseg train --resume --out runs/lgg",
+    "torchrun --standalone --nproc_per_node 4 -m mriseg train cache/brats --dims 3 --model unet3d "
+    "--patch-size 128,128,128 --device cuda --amp"))
 def train_command(
     data: Optional[str] = typer.Argument(None, help="Preprocess cache or raw dataset; none: the embedded "
                                                     "synthetic LGG-layout default."),
-    model: Optional[str] = typer.Option(None, "--model", help="Network name (mriseg models lists them). (default: unet)"),
+    model: Optional[str] = typer.Option(None, "--model", rich_help_panel="Model",
+                                        help="Network name (mriseg models lists them). (default: unet)"),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder. (default: runs/<model>-<timestamp>, "
-                                                          "with runs/latest pointing at it)"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or runs/latest) from last.pt."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+                                                          "with runs/latest pointing at it)",
+                                      rich_help_panel="Run folder"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (or runs/latest) from last.pt.",
+                                rich_help_panel="Run folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder.",
+                                   rich_help_panel="Run folder"),
     model_options: Optional[str] = typer.Option(None, "--model-options",
-                                                help="Model options: JSON or key=value,... e.g. features=16."),
-    dims: Optional[int] = typer.Option(None, "--dims", help="2: slices of volumes; 3: patches. (default: 2)"),
-    task: Optional[str] = typer.Option(None, "--task", help="auto, binary, multiclass or regions. (default: auto)"),
-    ignore_index: Optional[int] = typer.Option(None, "--ignore-index", help="Label ignored by multi-class losses. (default: 255)"),
+                                                help="Model options: JSON or key=value,... e.g. features=16.",
+                                                rich_help_panel="Model"),
+    dims: Optional[int] = typer.Option(None, "--dims", help="2: slices of volumes; 3: patches. (default: 2)",
+                                       rich_help_panel="Model"),
+    task: Optional[str] = typer.Option(None, "--task", help="auto, binary, multiclass or regions. (default: auto)",
+                                       rich_help_panel="Task and loss"),
+    ignore_index: Optional[int] = typer.Option(None, "--ignore-index", rich_help_panel="Task and loss",
+                                               help="Label ignored by multi-class losses. (default: 255)"),
     loss: Optional[str] = typer.Option(None, "--loss", help="dice, bce, bce-dice, soft-iou, ce, dice-ce, focal, "
-                                                            "border-ce. (default: dice)"),
-    bce_weight: Optional[float] = typer.Option(None, "--bce-weight", help="BCE share of bce-dice. (default: 0.5)"),
+                                                            "border-ce. (default: dice)",
+                                       rich_help_panel="Task and loss"),
+    bce_weight: Optional[float] = typer.Option(None, "--bce-weight", help="BCE share of bce-dice. (default: 0.5)",
+                                               rich_help_panel="Task and loss"),
     augment: Optional[str] = typer.Option(None, "--augment", help="default, none, or e.g. flip,rotate=15,scale=0.05,"
-                                                                  "elastic=4,intensity. (default: default)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="(default: 50)"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per process. (default: 16)"),
+                                                                  "elastic=4,intensity. (default: default)",
+                                          rich_help_panel="Data and sampling"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="(default: 50)", rich_help_panel="Optimisation"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per process. (default: 16)",
+                                             rich_help_panel="Data and sampling"),
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch",
-                                                  help="(default: 2D: training slices / batch; 3D: 8 patches per case)"),
-    patch_size: Optional[str] = typer.Option(None, "--patch-size", help="3D patch, e.g. 128,128,128."),
+                                                  help="(default: 2D: training slices / batch; 3D: 8 patches per case)",
+                                                  rich_help_panel="Data and sampling"),
+    patch_size: Optional[str] = typer.Option(None, "--patch-size", help="3D patch, e.g. 128,128,128.",
+                                             rich_help_panel="Data and sampling"),
     uniform_share: Optional[float] = typer.Option(None, "--uniform-share",
-                                                  help="2D: share of slice draws made uniformly. (default: 0.1)"),
+                                                  help="2D: share of slice draws made uniformly. (default: 0.1)",
+                                                  rich_help_panel="Data and sampling"),
     foreground_share: Optional[float] = typer.Option(None, "--foreground-share",
-                                                     help="3D: share of patches centred on tumour. (default: 0.33)"),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw or sgd. (default: adam)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="(default: 1e-3)"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="(default: 0)"),
-    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum. (default: 0.9)"),
-    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="SGD with Nesterov momentum."),
+                                                     help="3D: share of patches centred on tumour. (default: 0.33)",
+                                                     rich_help_panel="Data and sampling"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw or sgd. (default: adam)",
+                                            rich_help_panel="Optimisation"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="(default: 1e-3)", rich_help_panel="Optimisation"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="(default: 0)",
+                                                 rich_help_panel="Optimisation"),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum. (default: 0.9)",
+                                             rich_help_panel="Optimisation"),
+    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="SGD with Nesterov momentum.",
+                                            rich_help_panel="Optimisation"),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="plateau, step, cosine, poly or constant. "
-                                                                    "(default: plateau)"),
-    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up. (default: 0)"),
-    lr_patience: Optional[int] = typer.Option(None, "--lr-patience", help="Plateau epochs before the lr drops. (default: 3)"),
-    lr_factor: Optional[float] = typer.Option(None, "--lr-factor", help="Plateau lr factor. (default: 0.5)"),
-    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value."),
+                                                                    "(default: plateau)",
+                                           rich_help_panel="Optimisation"),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warm-up. (default: 0)",
+                                                  rich_help_panel="Optimisation"),
+    lr_patience: Optional[int] = typer.Option(None, "--lr-patience", rich_help_panel="Optimisation",
+                                              help="Plateau epochs before the lr drops. (default: 3)"),
+    lr_factor: Optional[float] = typer.Option(None, "--lr-factor", help="Plateau lr factor. (default: 0.5)",
+                                              rich_help_panel="Optimisation"),
+    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Clip the gradient norm to this value.",
+                                              rich_help_panel="Optimisation"),
     patience: Optional[int] = typer.Option(None, "--patience", help="Early stop after this many epochs without a "
-                                                                    "better val Dice; 0 = never. (default: 10)"),
+                                                                    "better val Dice; 0 = never. (default: 10)",
+                                           rich_help_panel="Optimisation"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of patients for validation. "
-                                                                              "(default: 0.2)"),
-    split: Optional[str] = typer.Option(None, "--split", help='JSON file {"train": [ids], "val": [ids]}.'),
-    folds: Optional[int] = typer.Option(None, "--folds", help="K-fold cross-validation by patient."),
-    fold: Optional[int] = typer.Option(None, "--fold", help="Which fold validates (0..K-1). (default: 0)"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. (default: auto)"),
+                                                                              "(default: 0.2)",
+                                                 rich_help_panel="Validation"),
+    split: Optional[str] = typer.Option(None, "--split", help='JSON file {"train": [ids], "val": [ids]}.',
+                                        rich_help_panel="Validation"),
+    folds: Optional[int] = typer.Option(None, "--folds", help="K-fold cross-validation by patient.",
+                                        rich_help_panel="Validation"),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Which fold validates (0..K-1). (default: 0)",
+                                       rich_help_panel="Validation"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. (default: auto)",
+                                         rich_help_panel="Devices and speed"),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision: bf16, or fp16 with a grad "
-                                                                    "scaler where bf16 is missing."),
+                                                                    "scaler where bf16 is missing.",
+                                       rich_help_panel="Devices and speed"),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
-                                                 help="Channels-last memory format."),
-    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers. (default: 0 on CPU, 4 on CUDA)"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="(default: 0)"),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between log lines. (default: 10)"),
-    size: Optional[str] = typer.Option(None, "--size", help="Raw DATA only: preprocess to this size, e.g. 128,128."),
+                                                 help="Channels-last memory format.",
+                                                 rich_help_panel="Devices and speed"),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model.",
+                                                 rich_help_panel="Devices and speed"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers. (default: 0 on CPU, 4 on CUDA)",
+                                          rich_help_panel="Devices and speed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="(default: 0)", rich_help_panel="Devices and speed"),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between log lines. (default: 10)",
+                                            rich_help_panel="Run folder"),
+    size: Optional[str] = typer.Option(None, "--size", help="Raw DATA only: preprocess to this size, e.g. 128,128.",
+                                       rich_help_panel="Data and sampling"),
     modalities: Optional[str] = typer.Option(None, "--modalities",
-                                             help="Raw DATA only: name map, e.g. flair=Flair,t1ce=T1c,seg=OT."),
-    as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout."),
+                                             help="Raw DATA only: name map, e.g. flair=Flair,t1ce=T1c,seg=OT.",
+                                             rich_help_panel="Data and sampling"),
+    as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout.",
+                                 rich_help_panel="Run folder"),
 ) -> None:
     """Train a segmentation network; writes a run folder with checkpoints, metrics and curves."""
     from mriseg.train import train
@@ -262,38 +329,60 @@ def train_command(
 
 # --- predict -----------------------------------------------------------------
 
-@app.command()
+@app.command(epilog=examples(
+    "mriseg predict volume.nii.gz",
+    "mriseg predict data/brats/*/ --model runs/latest --overlay --gif",
+    "find scans -name '*.nii.gz' | mriseg predict - --json --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"))
 def predict(
     inputs: list[str] = typer.Argument(..., help="NIfTI files, case or patient folders, 2D images, globs; "
                                                  "- reads one path per line from stdin."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Run folder or .pt checkpoint "
-                                        "[default: $MRISEG_MODEL, else runs/latest]."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder [default: ./predictions/]."),
-    overlap: float = typer.Option(0.5, min=0.0, max=0.95, help="3D models: overlap of sliding windows."),
+                                        "(default: $MRISEG_MODEL, else runs/latest).",
+                                        rich_help_panel="Model and output"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default: ./predictions/).",
+                                      rich_help_panel="Model and output"),
+    overlap: float = typer.Option(0.5, min=0.0, max=0.95, help="3D models: overlap of sliding windows.",
+                                  rich_help_panel="Inference"),
     patch_size: Optional[str] = typer.Option(None, "--patch-size",
-                                             help="3D models: window D,H,W [default: the checkpoint's]."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices (2D) or windows (3D) per forward pass."),
-    tta: bool = typer.Option(False, "--tta", help="Average predictions over all axis flips."),
-    amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
-    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Binary and region tasks: probability cut-off."),
+                                             help="3D models: window D,H,W (default: the checkpoint's).",
+                                             rich_help_panel="Inference"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices (2D) or windows (3D) per forward pass.",
+                                   rich_help_panel="Inference"),
+    tta: bool = typer.Option(False, "--tta", help="Average predictions over all axis flips.",
+                             rich_help_panel="Inference"),
+    amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU).",
+                             rich_help_panel="Inference"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps.", rich_help_panel="Inference"),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Binary and region tasks: probability cut-off.",
+                                    rich_help_panel="Post-processing"),
     largest_component: bool = typer.Option(False, "--largest-component",
-                                           help="Keep only the largest connected tumour blob."),
-    probabilities: bool = typer.Option(False, "--probabilities", help="Also write the soft maps."),
-    overlay: bool = typer.Option(False, "--overlay", help="PNG per tumour slice: prediction red, truth green."),
+                                           help="Keep only the largest connected tumour blob.",
+                                           rich_help_panel="Post-processing"),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write the soft maps.",
+                                       rich_help_panel="Post-processing"),
+    overlay: bool = typer.Option(False, "--overlay", help="PNG per tumour slice: prediction red, truth green.",
+                                 rich_help_panel="Pictures"),
     overlay_modality: Optional[str] = typer.Option(None, "--overlay-modality",
-                                                   help="Channel drawn under outlines [default: flair if present]."),
-    all_slices: bool = typer.Option(False, "--all-slices", help="Overlays and GIFs of every slice."),
+                                                   help="Channel drawn under outlines (default: flair if present).",
+                                                   rich_help_panel="Pictures"),
+    all_slices: bool = typer.Option(False, "--all-slices", help="Overlays and GIFs of every slice.",
+                                    rich_help_panel="Pictures"),
     labels: Optional[str] = typer.Option(None, "--labels", help="True labels to outline (file, or folder of "
-                                          "files named after the cases) [default: labels found beside the input]."),
-    gif: bool = typer.Option(False, "--gif", help="One animated GIF per volume through its slices."),
-    fps: float = typer.Option(10.0, "--fps", min=0.1, help="GIF frames per second."),
+                                          "files named after the cases) (default: labels found beside the input).",
+                                         rich_help_panel="Pictures"),
+    gif: bool = typer.Option(False, "--gif", help="One animated GIF per volume through its slices.",
+                             rich_help_panel="Pictures"),
+    fps: float = typer.Option(10.0, "--fps", min=0.1, help="GIF frames per second.", rich_help_panel="Pictures"),
     modalities: Optional[str] = typer.Option(None, "--modalities",
-                                             help="File-name map for case folders, e.g. flair=Flair_,t1ce=T1c_."),
+                                             help="File-name map for case folders, e.g. flair=Flair_,t1ce=T1c_.",
+                                             rich_help_panel="Model and output"),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: take every n-th input from the i-th "
-                                        "(0-based), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
-    json_output: bool = typer.Option(False, "--json", help="One JSON line per case on stdout."),
+                                        "(0-based), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT.",
+                                        rich_help_panel="Pipelines and clusters"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs.",
+                                   rich_help_panel="Model and output"),
+    json_output: bool = typer.Option(False, "--json", help="One JSON line per case on stdout.",
+                                     rich_help_panel="Pipelines and clusters"),
 ) -> None:
     """Segment MRI volumes or images with a trained model; masks keep the input's geometry."""
     # Imported here so that `mriseg --help` and other commands do not pay for importing torch.
@@ -303,10 +392,11 @@ def predict(
     from mriseg.log import info
 
     options = predict_module.PredictOptions(
-        out=Path(out) if out is not None else predict_module.DEFAULT_OUT, overlap=overlap, batch_size=batch_size, patch_size=_parse_patch_size(patch_size), tta=tta,
-        amp=amp, device=device, threshold=threshold, largest_component=largest_component,
-        probabilities=probabilities, overlay=overlay, overlay_modality=overlay_modality, all_slices=all_slices,
-        labels=Path(labels) if labels is not None else None, gif=gif, gif_fps=fps, modalities=modalities, overwrite=overwrite)
+        out=Path(out) if out is not None else predict_module.DEFAULT_OUT, overlap=overlap, batch_size=batch_size,
+        patch_size=_parse_patch_size(patch_size), tta=tta, amp=amp, device=device, threshold=threshold,
+        largest_component=largest_component, probabilities=probabilities, overlay=overlay,
+        overlay_modality=overlay_modality, all_slices=all_slices, labels=Path(labels) if labels is not None else None,
+        gif=gif, gif_fps=fps, modalities=modalities, overwrite=overwrite)
 
     def report(result: predict_module.CaseResult) -> None:
         if json_output:
@@ -342,32 +432,46 @@ def _parse_patch_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 # --- evaluate ----------------------------------------------------------------
 
-@app.command("evaluate")
+@app.command("evaluate", epilog=examples(
+    "mriseg evaluate predictions/ labels/ --out evaluation/",
+    "mriseg evaluate predictions/ BraTS2021_Validation/ --regions brats --json > summary.json",
+    "mriseg evaluate --model runs/latest data/ --out evaluation/"))
 def evaluate_command(
     paths: list[Path] = typer.Argument(..., metavar="PRED GT | DATA",
                                        help="Predicted masks and the truth (files or folders, matched by case "
                                             "id; GT may be a labelled dataset); with --model, one labelled DATA."),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o",
-                             help="Folder for metrics.csv, summary.json and dsc.png."),
+                             help="Folder for metrics.csv, summary.json and dsc.png.", rich_help_panel="Output"),
     model: Optional[Path] = typer.Option(None, "--model",
-                                         help="Run folder or checkpoint: predict DATA in memory and score it."),
+                                         help="Run folder or checkpoint: predict DATA in memory and score it.",
+                                         rich_help_panel="With --model"),
     regions: str = typer.Option("auto", "--regions",
                                 help="auto | binary | labels | brats | brats2023 | msd | NAME=1,2;NAME=4 "
-                                     "(auto: the dataset's or the checkpoint's regions, else binary)."),
+                                     "(auto: the dataset's or the checkpoint's regions, else binary).",
+                                rich_help_panel="Scoring"),
     empty: str = typer.Option("score", "--empty",
                               help="Empty-mask policy. score: both empty -> Dice 1, distances 0; one empty -> "
-                                   "Dice 0, distances undefined. ignore: also leave out cases whose truth is empty."),
-    strict: bool = typer.Option(False, "--strict", help="Case ids present on one side only are an error."),
+                                   "Dice 0, distances undefined. ignore: also leave out cases whose truth is empty.",
+                              rich_help_panel="Scoring"),
+    strict: bool = typer.Option(False, "--strict", help="Case ids present on one side only are an error.",
+                                rich_help_panel="Scoring"),
     modalities: Optional[str] = typer.Option(None, "--modalities",
                                              help="BraTS file-name map of the GT dataset, e.g. "
-                                                  "flair=Flair_x,t1ce=T1c_x,seg=OTMultiClass."),
-    device: str = typer.Option("auto", "--device", help="With --model: cpu, cuda, cuda:1 or auto."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --model: slices or patches per batch."),
-    tta: bool = typer.Option(False, "--tta", help="With --model: average predictions over flips."),
+                                                  "flair=Flair_x,t1ce=T1c_x,seg=OTMultiClass.",
+                                             rich_help_panel="Scoring"),
+    device: str = typer.Option("auto", "--device", help="With --model: cpu, cuda, cuda:1 or auto.",
+                               rich_help_panel="With --model"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --model: slices or patches per batch.",
+                                   rich_help_panel="With --model"),
+    tta: bool = typer.Option(False, "--tta", help="With --model: average predictions over flips.",
+                             rich_help_panel="With --model"),
     largest_component: bool = typer.Option(False, "--largest-component",
-                                           help="With --model: keep only the largest tumour blob."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --out."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+                                           help="With --model: keep only the largest tumour blob.",
+                                           rich_help_panel="With --model"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --out.",
+                                   rich_help_panel="Output"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout.",
+                                 rich_help_panel="Output"),
 ) -> None:
     """Per-volume Dice, IoU, HD95, ASSD, sensitivity, precision and volumes, with a Dice bar plot."""
     from mriseg.evaluate import evaluate, evaluate_model, results_table
@@ -400,27 +504,41 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
         raise MrisegError(f"{option} takes comma-separated whole numbers, got {text!r}") from None
 
 
-@app.command()
+@app.command(epilog=examples(
+    "mriseg benchmark --model unet --gpus 0,1 --micro-batches 2,4,8",
+    "mriseg benchmark --model tiny3d --input-size 240,240,155 --batch-size 1 --gpus 0,1",
+    "mriseg benchmark --model unet --devices cpu,cpu --steps 3 --timeline step.png"))
 def benchmark(
-    model: str = typer.Option("unet", "--model", help="Registry name of a model with pipeline stages."),
+    model: str = typer.Option("unet", "--model", help="Registry name of a model with pipeline stages.",
+                              rich_help_panel="Model and input"),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="CUDA devices, e.g. 0,1 (0 alone: single only; 0,0: "
-                                       "pipeline machinery on one GPU)."),
+                                       "pipeline machinery on one GPU).", rich_help_panel="Devices"),
     devices: Optional[str] = typer.Option(None, "--devices", help="Torch devices, e.g. cpu,cpu: one 1-thread "
-                                          "process per device stands in for two GPUs."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Samples per training step."),
-    input_size: str = typer.Option("128,128", "--input-size", help="H,W (2D) or H,W,D (3D)."),
-    in_channels: Optional[int] = typer.Option(None, "--in-channels", help="Input channels [default: 3 for 2D, 4 for 3D]."),
-    out_channels: int = typer.Option(1, "--out-channels", help="Output channels."),
-    features: Optional[int] = typer.Option(None, "--features", help="The model's width [default: the model's]."),
-    micro_batches: str = typer.Option("2,4,8", "--micro-batches", help="Micro-batch counts for the pipeline."),
-    split: str = typer.Option("encoder-decoder,balanced", "--split", help="Where to cut: encoder-decoder, balanced."),
-    schedule: str = typer.Option("gpipe,1f1b", "--schedule", help="Pipeline schedules: gpipe, 1f1b."),
-    steps: int = typer.Option(5, "--steps", help="Timed steps per configuration (median, p10, p90)."),
-    warmup: int = typer.Option(2, "--warmup", help="Untimed steps before them."),
-    amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
-    timeline: Optional[Path] = typer.Option(None, "--timeline", help="Draw one step of each split (PNG)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --timeline file."),
+                                          "process per device stands in for two GPUs.", rich_help_panel="Devices"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples per training step.",
+                                   rich_help_panel="Model and input"),
+    input_size: str = typer.Option("128,128", "--input-size", help="H,W (2D) or H,W,D (3D).",
+                                   rich_help_panel="Model and input"),
+    in_channels: Optional[int] = typer.Option(None, "--in-channels", rich_help_panel="Model and input",
+                                              help="Input channels (default: 3 for 2D, 4 for 3D)."),
+    out_channels: int = typer.Option(1, "--out-channels", help="Output channels.", rich_help_panel="Model and input"),
+    features: Optional[int] = typer.Option(None, "--features", help="The model's width (default: the model's).",
+                                           rich_help_panel="Model and input"),
+    micro_batches: str = typer.Option("2,4,8", "--micro-batches", help="Micro-batch counts for the pipeline.",
+                                      rich_help_panel="Pipeline"),
+    split: str = typer.Option("encoder-decoder,balanced", "--split", help="Where to cut: encoder-decoder, balanced.",
+                              rich_help_panel="Pipeline"),
+    schedule: str = typer.Option("gpipe,1f1b", "--schedule", help="Pipeline schedules: gpipe, 1f1b.",
+                                 rich_help_panel="Pipeline"),
+    steps: int = typer.Option(5, "--steps", help="Timed steps per configuration (median, p10, p90).",
+                              rich_help_panel="Timing"),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed steps before them.", rich_help_panel="Timing"),
+    amp: bool = typer.Option(False, "--amp", help="bfloat16 autocast.", rich_help_panel="Model and input"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout.", rich_help_panel="Output"),
+    timeline: Optional[Path] = typer.Option(None, "--timeline", help="Draw one step of each split (PNG).",
+                                            rich_help_panel="Output"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --timeline file.",
+                                   rich_help_panel="Output"),
 ) -> None:
     """Time one device against a naive split, a pipeline and data parallelism across two."""
     from mriseg.benchmark import BenchmarkConfig, parse_devices, report_tables, run_benchmark
@@ -450,6 +568,33 @@ def benchmark(
 
 
 # --- demo --------------------------------------------------------------------
+
+
+@app.command(epilog=examples("mriseg demo", "mriseg demo --layout brats --out brats-demo --json"))
+def demo(
+    out: Path = typer.Option(Path("mriseg-demo"), "--out", "-o", help="Folder for everything the demo writes."),
+    layout: str = typer.Option("lgg", "--layout", help="lgg (kaggle_3m TIF slices, tumour vs background) | "
+                                                       "brats (NIfTI, four modalities, WT/TC/ET regions)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic data and of training."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 or mps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print what the demo measured as JSON on stdout."),
+) -> None:
+    """Run the whole job on synthetic data in a few minutes: synth, preprocess, train, predict, evaluate."""
+    from mriseg.demo import run_demo
+    from mriseg.log import info
+
+    result = run_demo(out, layout=layout, overwrite=overwrite, seed=seed, device=device)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    scores = ", ".join(f"{region} {dice:.3f}" for region, dice in result.test_dice.items())
+    info(f"demo done in {result.seconds['total']:.0f} s: best mean per-volume validation Dice "
+         f"{result.val_dice:.3f}; held-out cases: mean Dice {scores}")
+    info("open these:")
+    for what, path in result.files.items():
+        info(f"  {path}  ({what})")
+    info(f"segment your own scans: mriseg predict SCAN --model {out / 'run'}")
 
 
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -783,7 +783,7 @@ def write_pictures(case: Case, labels: np.ndarray, truth: np.ndarray | None, loa
         if true is not None and not multiclass:
             true = true > 0
         return viz.overlay_picture(grey_planes[index], predicted, true, multiclass, names,
-                                   caption=f"slice {index + 1}/{count}")
+                                   caption=f"slice {index + 1:0{len(str(count))}d}/{count}")
 
     written: dict[str, Path] = {}
     if options.overlay:

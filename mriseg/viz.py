@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,19 +96,32 @@ def overlay_labels(grey: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def add_legend(picture: np.ndarray, entries: Sequence[tuple[str, tuple[int, int, int]]], caption: str) -> np.ndarray:
-    """Append a strip below ``picture`` with ``caption``, then a colour swatch and name per entry.
+    """Append a strip below ``picture`` with ``caption``, then a colour swatch and name per entry,
+    wrapped onto more lines where the picture is too narrow for them all.
 
     The caption comes first so that it stays visible on narrow pictures (it also keeps
     GIF frames distinct: the GIF writer drops a frame identical to the one before).
     """
-    strip = Image.new("RGB", (picture.shape[1], LEGEND_HEIGHT), (0, 0, 0))
+    width = picture.shape[1]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # (x, line, name, colour) of each item; the caption is an item without a swatch.
+    placed, x, line = [], 2, 0
+    for name, colour in [(caption, None), *entries]:
+        # Digits measured as the widest one, so every frame of a GIF wraps alike and has one size.
+        item_width = int(measure.textlength(re.sub(r"\d", "8", name))) + (10 if colour is not None else 0) + 8
+        if x > 2 and x + item_width > width:
+            x, line = 2, line + 1
+        placed.append((x, line, name, colour))
+        x += item_width
+    strip = Image.new("RGB", (width, LEGEND_HEIGHT * (line + 1)), (0, 0, 0))
     draw = ImageDraw.Draw(strip)
-    draw.text((2, 1), caption, fill=(200, 200, 200))
-    x = 10 + int(draw.textlength(caption))
-    for name, colour in entries:
-        draw.rectangle([x, 3, x + 7, 10], fill=colour)
-        draw.text((x + 10, 1), name, fill=(255, 255, 255))
-        x += 16 + int(draw.textlength(name))
+    for x, line, name, colour in placed:
+        top = line * LEGEND_HEIGHT
+        if colour is None:
+            draw.text((x, top + 1), name, fill=(200, 200, 200))
+            continue
+        draw.rectangle([x, top + 3, x + 7, top + 10], fill=colour)
+        draw.text((x + 10, top + 1), name, fill=(255, 255, 255))
     return np.concatenate([picture, np.asarray(strip)], axis=0)
 
 
