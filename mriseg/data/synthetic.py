@@ -12,8 +12,8 @@ post-contrast, 0/255 mask TIFs of the whole FLAIR abnormality); ``brats`` writes
 2018-2021 folders (skull-stripped ``_t1 _t1ce _t2 _flair`` int16 NIfTI and a ``_seg`` with
 labels 0 background, 1 necrosis, 2 oedema, 4 enhancing tumour).
 
-:func:`default_dataset` is the embedded dataset that ``mriseg train`` (no DATA) and
-``mriseg demo`` use: generated and preprocessed once into ``$MRISEG_HOME``.
+:func:`default_dataset` is the embedded dataset that ``mriseg train`` (no DATA) uses: generated
+and preprocessed once into ``$MRISEG_HOME``. ``mriseg demo`` writes its own cases into its folder.
 """
 
 from __future__ import annotations
