@@ -254,3 +254,24 @@ def test_out_of_memory_says_what_to_do(lgg_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(mriseg.models, "build_model", build_model_that_runs_out_of_memory)
     with pytest.raises(MrisegError, match="ran out of memory at batch size 4.*smaller --batch-size"):
         train(lgg_cache, out=tmp_path / "run", epochs=1, steps_per_epoch=1, **TINY)
+
+
+# --- stop requests ---------------------------------------------------------------------------
+
+def test_a_signal_delivered_twice_still_stops_at_the_next_step_with_a_checkpoint(monkeypatch):
+    """Slurm signals every process of a job step and torchrun forwards the signal again, so a
+    worker sees each SIGTERM (or Ctrl-C) twice: that is one request, not "stop at once"."""
+    from mriseg import train as train_module
+
+    clock = [100.0]
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: clock[0])
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with train_module.StopRequested() as stop:
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
+            os.kill(os.getpid(), sig)  # the handler runs before os.kill returns (main thread)
+        assert stop.requested
+        clock[0] += 60  # a minute later: SIGTERM is still the same request...
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):  # ...but a person pressing Ctrl-C again means "now"
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
