@@ -1,13 +1,17 @@
 """Parameters and forward+backward time per sample for every mriseg model, side by side with
 MONAI's closest network at the same width (BasicUNet, AttentionUnet, BasicUNetPlusPlus).
 
-    python benchmarks/models.py                 # CPU, 2D 2x3x128x128, 3D 1x1x48x48x48 (tiny3d 48x48x47)
+    python benchmarks/models.py                 # CPU, 2D 2x3x128x128, 3D 2x3x48x48x48 (tiny3d 2x4x48x48x47)
     python benchmarks/models.py --device cuda --size 256 --batch 8
     python benchmarks/models.py --json
 
 MONAI is only needed here (``pip install -e ".[bench]"``); without it the mriseg rows are still
 measured. Timings of a pair are interleaved (A, B, A, B, ...) and the median is reported, so
-load that comes and goes hits both sides alike; the ratio is mriseg time / MONAI time.
+load that comes and goes hits both sides alike; the ratio is mriseg time / MONAI time. The
+GFLOP columns count the convolution and matmul work of a forward+backward pass (torch's
+FlopCounterMode), so "ratio per GFLOP" compares speed per unit of work where the two networks of
+a pair differ in design (MONAI's AttentionUnet has one convolution per decoder level, the U-Net
+of Oktay et al. two).
 """
 
 from __future__ import annotations
@@ -49,6 +53,16 @@ def training_step(model: nn.Module, x: torch.Tensor) -> None:
     heads = output if isinstance(output, (list, tuple)) else [output]
     sum(head.float().mean() for head in heads).backward()
     model.zero_grad(set_to_none=True)
+
+
+def training_gflop(model: nn.Module, x: torch.Tensor) -> float:
+    """Convolution and matmul GFLOP of one forward+backward pass per sample (a multiply-add counts 2),
+    counted by torch's FlopCounterMode: the work a model asks for, whatever its speed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        training_step(model, x)
+    return counter.get_total_flops() / x.shape[0] / 1e9
 
 
 def time_steps(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
@@ -104,12 +118,16 @@ def main() -> None:
         if counterpart is not None:
             candidates["monai"] = counterpart()
         seconds = measure(candidates, x, device, args.repeats, args.warmup)
+        gflop = {side: training_gflop(model, x) for side, model in candidates.items()}
         row = {"model": name, "input": [args.batch, in_channels, *size],
-               "params": count_parameters(candidates["mriseg"]), "ms_per_sample": 1000 * seconds["mriseg"]}
+               "params": count_parameters(candidates["mriseg"]), "gflop_per_sample": gflop["mriseg"],
+               "ms_per_sample": 1000 * seconds["mriseg"]}
         if "monai" in candidates:
             row.update(monai_model=type(candidates["monai"]).__name__,
-                       monai_params=count_parameters(candidates["monai"]),
-                       monai_ms_per_sample=1000 * seconds["monai"], ratio=seconds["mriseg"] / seconds["monai"])
+                       monai_params=count_parameters(candidates["monai"]), monai_gflop_per_sample=gflop["monai"],
+                       monai_ms_per_sample=1000 * seconds["monai"], ratio=seconds["mriseg"] / seconds["monai"],
+                       # time per unit of work: below 1, mriseg does each FLOP faster
+                       ratio_per_gflop=(seconds["mriseg"] / gflop["mriseg"]) / (seconds["monai"] / gflop["monai"]))
         rows.append(row)
         for model in candidates.values():
             model.cpu()
@@ -119,13 +137,15 @@ def main() -> None:
         return
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved forward+backward passes")
-    print("| model | input | params | ms/sample | MONAI model | MONAI params | MONAI ms/sample | ratio |")
-    print("|---|---|---:|---:|---|---:|---:|---:|")
+    print("| model | input | params | GFLOP/sample | ms/sample | MONAI model | MONAI params | MONAI GFLOP/sample "
+          "| MONAI ms/sample | ratio | ratio per GFLOP |")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for row in rows:
-        monai = (f"{row['monai_model']} | {row['monai_params']:,} | {row['monai_ms_per_sample']:.1f} | "
-                 f"{row['ratio']:.2f}") if "ratio" in row else "- | - | - | -"
+        monai = (f"{row['monai_model']} | {row['monai_params']:,} | {row['monai_gflop_per_sample']:.2f} | "
+                 f"{row['monai_ms_per_sample']:.1f} | {row['ratio']:.2f} | {row['ratio_per_gflop']:.2f}"
+                 if "ratio" in row else "- | - | - | - | - | -")
         print(f"| {row['model']} | {'x'.join(map(str, row['input']))} | {row['params']:,} | "
-              f"{row['ms_per_sample']:.1f} | {monai} |")
+              f"{row['gflop_per_sample']:.2f} | {row['ms_per_sample']:.1f} | {monai} |")
 
 
 if __name__ == "__main__":

@@ -127,11 +127,11 @@ def sliding_window_predict(predictor: Predictor, image: torch.Tensor, patch_size
         windows = [tuple(slice(c, c + p) for c, p in zip(corner, patch))
                    for corner in corners[first:first + batch_size]]
         batch = torch.stack([image[(slice(None), *window)] for window in windows])
-        output = predictor(batch).float() * weights
+        output = predictor(batch).float()
         if scores is None:
             scores = torch.zeros((output.shape[1], *padded), device=image.device)
-        for window, window_scores in zip(windows, output):
-            scores[(slice(None), *window)] += window_scores
+        for window, window_output in zip(windows, output):
+            scores[(slice(None), *window)].addcmul_(window_output, weights)  # in place: no weighted copy
             weight_sum[window] += weights
     assert scores is not None
     scores /= weight_sum
