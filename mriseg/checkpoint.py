@@ -28,6 +28,8 @@ CHECKPOINT_FORMAT = "mriseg-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "state_dict", "task")
 REQUIRED_MODEL_KEYS = ("name", "in_channels", "out_channels", "spatial_dims")
+# torch.save writes a zip archive (PyTorch >= 1.6) or, in the legacy format, a pickle (protocol >= 2).
+TORCH_SAVE_MAGICS = (b"PK\x03\x04", b"\x80")
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -60,6 +62,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise BadInputError(path, "checkpoint not found" if not path.exists() else "not a file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as error:
+        raise BadInputError(path, f"cannot read: {error.strerror or error}") from error
+    if head and not head.startswith(TORCH_SAVE_MAGICS):
+        # Neither torch.save's zip archive nor a pickle: a text file, an image, a NIfTI ...
+        raise BadInputError(path, "not a checkpoint: neither a torch.save archive nor a pickle "
+                                  f"(the file starts with {head!r}); pass a run folder or its best.pt")
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning is noise next to our error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

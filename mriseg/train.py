@@ -100,7 +100,11 @@ class TrainOptions:
     modalities: str | None = None
 
     def check(self) -> None:
-        """Reject impossible combinations with one clear line each."""
+        """Reject impossible combinations with one clear line each, before any data is touched."""
+        from mriseg.models.registry import MODELS
+
+        if self.model not in MODELS:
+            raise MrisegError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
         choices = {"task": TASKS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "loss": LOSS_NAMES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -129,3 +129,11 @@ def test_weights_that_do_not_fit_the_model(tmp_path, fake_registry):
 def test_unwritable_folder(tmp_path):
     with pytest.raises(BadInputError, match="cannot write"):
         save_checkpoint(tmp_path / "no" / "such" / "dir" / "best.pt", {"epoch": 0})
+
+
+def test_a_file_that_is_no_checkpoint_at_all_is_named_as_such(tmp_path):
+    """A text file passed as --model is not "a pickle that would execute code"."""
+    path = tmp_path / "README.md"
+    path.write_text("# notes\n")
+    with pytest.raises(BadInputError, match="README.md: not a checkpoint: neither a torch.save archive nor a pickle"):
+        load_checkpoint(path)

@@ -275,3 +275,10 @@ def test_a_signal_delivered_twice_still_stops_at_the_next_step_with_a_checkpoint
         with pytest.raises(KeyboardInterrupt):  # ...but a person pressing Ctrl-C again means "now"
             os.kill(os.getpid(), signal.SIGINT)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_an_unknown_model_is_refused_before_any_data_is_made(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRISEG_HOME", str(tmp_path / "home"))
+    with pytest.raises(MrisegError, match="unknown model 'nonexistent'; choose one of: unet"):
+        train(None, model="nonexistent", out=tmp_path / "run")
+    assert not (tmp_path / "home").exists() and not (tmp_path / "run").exists()
