@@ -169,7 +169,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, layout: str = "lgg", overwrite: bool
     clock = time.monotonic()
     predictions = out / "predictions"
     results = predict([str(test)], model=out / "run", options=PredictOptions(
-        out=predictions, overlay=True, gif=True, device=device))
+        out=predictions, overlay=True, gif=True, gif_fps=4.0, device=device))
     failed = [result for result in results if result.status != "ok"]
     if failed:
         raise MrisegError(f"demo: predicting {failed[0].input} failed: {failed[0].error}")

@@ -171,3 +171,17 @@ def test_synth_refuses_to_overwrite(tmp_path, capsys, monkeypatch):
     arguments = ("synth", str(tmp_path / "s"), "--cases", "1", "--size", "4,16,16")
     assert run_main(capsys, monkeypatch, *arguments).returncode == 0
     assert_one_line_error(run_main(capsys, monkeypatch, *arguments), "TCGA_SY_0001_19990101", "--overwrite")
+
+
+def test_dicom_is_named_with_a_way_out(tmp_path, preprocess):
+    """DICOM is what scanners write; a user who brings it gets told how to convert, not "unrecognised"."""
+    series = tmp_path / "src" / "patient1" / "series2"
+    series.mkdir(parents=True)
+    for index in range(3):  # no .dcm suffix, as many PACS exports: found by the preamble
+        (series / f"IM{index:04d}").write_bytes(bytes(128) + b"DICM" + bytes(200))
+    assert_one_line_error(preprocess(tmp_path / "src" / "patient1", tmp_path), "patient1: holds DICOM", "dcm2niix")
+    from mriseg.data.readers import read_case
+    from mriseg.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="IM0000: is a DICOM file"):
+        read_case(series / "IM0000")

@@ -219,8 +219,22 @@ def detect_layout(path: str | Path) -> str:
         return "brats"
     if _pair_candidates(path):
         return "pairs"
+    if any(_looks_like_dicom(f) for folder in (path, *subdirs) for f in _visible_files(folder)[:20]):
+        raise BadInputError(path, "holds DICOM files, which mriseg does not read: convert each series to "
+                                  "NIfTI first (e.g. dcm2niix -z y -o OUT SERIES_FOLDER)")
     raise BadInputError(path, "unrecognised layout: no kaggle_3m TIF slices, BraTS/MSD NIfTI cases or "
                               "image/mask pairs found (use --layout, see docs/data-formats.md)")
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """A .dcm name, or the DICOM preamble: 128 bytes, then "DICM"."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- listing
@@ -676,6 +690,9 @@ def _single_file_ref(path: Path) -> CaseRef:
     stem = _strip_suffix(path.name)[0]
     if _is_nifti(path) or _is_2d_image(path):
         return CaseRef(case_id=stem, layout="pairs", image_paths=(path,))
+    if _looks_like_dicom(path):
+        raise BadInputError(path, "is a DICOM file, which mriseg does not read: convert the series to NIfTI "
+                                  "first (e.g. dcm2niix -z y -o OUT SERIES_FOLDER)")
     raise BadInputError(path, "not a NIfTI (.nii, .nii.gz) or 2D image (PNG, TIF, JPEG) file")
 
 
