@@ -575,6 +575,16 @@ def empty_dataset_folder(ws: Workspace) -> Scenario:
     return reject(ws, src, src, "unrecognised layout")
 
 
+def dicom_series_folder(ws: Workspace) -> Scenario:
+    """What a scanner exports: DICOM slices without a suffix, found by their "DICM" preamble."""
+    src = ws.root / "src"
+    series = src / "series1"
+    series.mkdir(parents=True)
+    for index in range(3):
+        (series / f"IM{index:04d}").write_bytes(bytes(128) + b"DICM" + bytes(64))
+    return reject(ws, src, src, "holds DICOM files", "dcm2niix")
+
+
 def empty_case_folders(ws: Workspace) -> Scenario:
     src = ws.root / "src"
     for name in ("BraTS2021_S0001", "BraTS2021_S0002"):
@@ -725,6 +735,12 @@ def checkpoint_truncated(ws: Workspace) -> Scenario:
     data = ws.templates["checkpoint"].read_bytes()
     target.write_bytes(data[: len(data) // 2])
     return predict_scenario(ws, target, target, "truncated or corrupt")
+
+
+def checkpoint_is_a_text_file(ws: Workspace) -> Scenario:
+    target = ws.root / "notes.md"
+    target.write_text("# my notes\n")
+    return predict_scenario(ws, target, target, "neither a torch.save archive nor a pickle")
 
 
 def checkpoint_zero_byte(ws: Workspace) -> Scenario:
@@ -995,6 +1011,8 @@ CORPUS: list[BadInput] = [
     BadInput("png-mask-0-255", "preprocess", "PNG masks 0/255", "accepted: normalised to 0/1", pairs_mask_0_255),
     BadInput("pairs-duplicate-ids", "preprocess", "shape0.png and shape0.tif", "refused", pairs_duplicate_ids),
     BadInput("empty-folder", "preprocess", "empty dataset folder", "refused", empty_dataset_folder),
+    BadInput("dicom-folder", "preprocess", "a DICOM series (no suffix, DICM preamble)", "refused",
+             dicom_series_folder),
     BadInput("empty-case-folders", "preprocess", "case folders without files", "refused", empty_case_folders),
     BadInput("source-is-file", "preprocess", "a NIfTI file given as dataset", "refused", source_is_a_file),
     BadInput("output-is-file", "preprocess", "cache path is an existing file", "refused", output_is_a_file),
@@ -1013,6 +1031,7 @@ CORPUS: list[BadInput] = [
     BadInput("eval-duplicate-ids", "evaluate", "case.nii and case.nii.gz", "refused", eval_duplicate_ids),
     BadInput("eval-output-is-file", "evaluate", "--out is an existing file", "refused", eval_output_is_a_file),
     BadInput("checkpoint-truncated", "predict", "checkpoint cut in half", "refused", checkpoint_truncated),
+    BadInput("checkpoint-text-file", "predict", "a text file given as --model", "refused", checkpoint_is_a_text_file),
     BadInput("checkpoint-zero-byte", "predict", "zero-byte checkpoint", "refused", checkpoint_zero_byte),
     BadInput("checkpoint-other-model", "predict", "tiny3d weights in a unet checkpoint", "refused",
              checkpoint_of_another_model),
