@@ -108,7 +108,7 @@ def preprocess(
                                          rich_help_panel="Input"),
     modalities: Optional[str] = typer.Option(
         None, help="BraTS file-name map, e.g. flair=Flair_subtrMeanDivStd,t1ce=T1c_subtrMeanDivStd,seg=OTMultiClass.",
-                                             rich_help_panel="Input"),
+        rich_help_panel="Input"),
     size: Optional[str] = typer.Option(None, help="Resize to H,W (in-plane) or D,H,W (nearest neighbour).",
                                        rich_help_panel="Preprocessing"),
     crop: bool = typer.Option(False, "--crop/--no-crop", help="Crop to the non-background bounding box first.",
