@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -633,6 +634,31 @@ def choose_device(requested: str, local_rank: int | None) -> torch.device:
     return torch.device(requested)
 
 
+def default_patch_size(model: nn.Module, volume_shape: Sequence[int], largest: int = 128) -> tuple[int, ...]:
+    """The largest 3D patch, at most the volume and ``largest`` along each axis, that ``model`` accepts.
+
+    Every registry model's size rule holds axis by axis (a multiple of 16; tiny3d's depth 4k - 1),
+    so the first accepted size in descending order is the largest on each axis. When none fits
+    (a volume smaller than the model's minimum) the capped volume shape is returned, and the
+    model's own error names sizes that work.
+    """
+    cap = tuple(min(int(s), largest) for s in volume_shape)
+    rule = getattr(model, "size_rule", None)
+    if rule is None:
+        return cap
+    for size in itertools.product(*(range(c, 0, -1) for c in cap)):
+        if rule(size) is None:
+            return size
+    return cap
+
+
+def default_spatial_dims(model: str) -> int:
+    """2 (slices) for models that have a 2D form, 3 for the 3D-only ones (unet3d, tiny3d)."""
+    from mriseg.models.registry import MODELS
+
+    return min(MODELS[model].dims) if model in MODELS else 2
+
+
 def open_training_data(data: str | Path | None, run_dir: Path, options: TrainOptions, is_writer: bool):
     """The cache to train on: DATA itself, a cache built from raw DATA in RUN_DIR/cache, or the
     embedded synthetic default. Returns ``(cache, description)``."""
@@ -642,8 +668,10 @@ def open_training_data(data: str | Path | None, run_dir: Path, options: TrainOpt
     if data is None:
         from mriseg.data.synthetic import default_dataset
 
-        data = default_dataset(layout="lgg")
-        description = f"no DATA given: training on the embedded synthetic LGG-layout default ({data})"
+        # 3D training wants whole volumes with depth: the BraTS-layout default (LGG stacks are 20 slices).
+        layout = "brats" if options.spatial_dims == 3 else "lgg"
+        data = default_dataset(layout=layout)
+        description = f"no DATA given: training on the embedded synthetic {layout.upper()}-layout default ({data})"
     else:
         description = f"data: {data}"
     path = Path(data)
@@ -739,6 +767,8 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
         options = TrainOptions(**settings)
         if model is not None:
             options.model = model
+        if "spatial_dims" not in settings:
+            options.spatial_dims = default_spatial_dims(options.model)
     options.check()
 
     device = choose_device(options.device, local_rank)
@@ -785,8 +815,6 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
     spatial_shape = cache.record(labelled[0])["shape"]
     if options.spatial_dims == 3 and len(spatial_shape) != 3:
         raise BadInputError(cache.path, "--dims 3 needs 3D volumes; this cache holds 2D images")
-    if options.spatial_dims == 3 and options.patch_size is None:
-        options.patch_size = tuple(min(s, 128) for s in spatial_shape)
     train_ids, val_ids = split_cases(labelled, options)
     border = options.loss == "border-ce"
     train_volumes = load_volumes(cache, train_ids, options.spatial_dims, options.uniform_share, border,
@@ -800,6 +828,8 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
     # model, optimiser, schedule, precision
     raw_model = build_model(options.model, in_channels, task["out_channels"], spatial_dims=options.spatial_dims,
                             **options.model_options)
+    if options.spatial_dims == 3 and options.patch_size is None:
+        options.patch_size = default_patch_size(raw_model, spatial_shape)
     if checkpoint is not None:
         if checkpoint["model"]["in_channels"] != in_channels:
             raise BadInputError(run_dir / "last.pt", f"model has {checkpoint['model']['in_channels']} input channels, "

@@ -282,3 +282,24 @@ def test_an_unknown_model_is_refused_before_any_data_is_made(tmp_path, monkeypat
     with pytest.raises(MrisegError, match="unknown model 'nonexistent'; choose one of: unet"):
         train(None, model="nonexistent", out=tmp_path / "run")
     assert not (tmp_path / "home").exists() and not (tmp_path / "run").exists()
+
+
+def test_3d_only_models_default_to_3d_with_a_patch_they_accept():
+    from mriseg.models import build_model
+    from mriseg.train import default_patch_size, default_spatial_dims
+
+    assert default_spatial_dims("unet") == 2 and default_spatial_dims("unet3d") == default_spatial_dims("tiny3d") == 3
+    tiny = build_model("tiny3d", 4, 3, spatial_dims=3)
+    assert default_patch_size(tiny, (64, 64, 48)) == (64, 64, 47)  # depth 4k - 1, the rest as large as allowed
+    unet3d = build_model("unet3d", 4, 3, spatial_dims=3, features=4)
+    assert default_patch_size(unet3d, (20, 130, 300)) == (16, 128, 128)  # multiples of 8, at most 128
+    assert default_patch_size(tiny, (64, 64, 5)) == (64, 64, 5)  # nothing fits: left for the model to name
+
+
+def test_a_3d_only_model_without_data_trains_on_the_synthetic_brats_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("MRISEG_HOME", str(tmp_path / "home"))
+    summary = train(None, model="tiny3d", out=tmp_path / "run", epochs=1, steps_per_epoch=1, batch_size=1,
+                    device="cpu")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["options"]["spatial_dims"] == 3 and summary["task"] == "regions"
+    assert config["data"] is None and "synthetic-brats" in config["cache"]
