@@ -19,7 +19,6 @@ Output folder (default ``mriseg-demo/``)::
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -131,7 +130,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, layout: str = "lgg", overwrite: bool
     Raises:
         MrisegError: unknown layout, or ``out`` holds an earlier demo and ``overwrite`` is False.
     """
-    from mriseg.data.cache import build_cache
+    from mriseg.data.cache import build_cache, write_json_atomic
     from mriseg.data.preprocess import PreprocessParams
     from mriseg.evaluate import evaluate
     from mriseg.predict import PredictOptions, predict
@@ -197,7 +196,5 @@ def run_demo(out: str | Path = DEFAULT_OUT, layout: str = "lgg", overwrite: bool
     result = DemoResult(out=out, layout=layout, val_dice=float(summary["best_val_dice_mean"]),
                         test_dice=test_dice, seconds={k: round(v, 1) for k, v in seconds.items()},
                         files={k: v for k, v in files.items() if v is not None})
-    temporary = out / f".demo.json.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-    os.replace(temporary, out / "demo.json")
+    write_json_atomic(out / "demo.json", result.to_dict())
     return result

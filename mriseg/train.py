@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mriseg import __version__, log
 from mriseg.augment import augment_batch, parse_augment
 from mriseg.checkpoint import load_checkpoint, save_checkpoint
+from mriseg.data.cache import write_json_atomic
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.losses import LOSS_NAMES, border_weight_map, build_loss, deep_supervision_loss
 
@@ -595,12 +596,6 @@ def point_latest_at(run_dir: Path) -> None:
         os.replace(temporary, link)
     except OSError as error:
         log.warn(f"could not point {link} at {run_dir.name}: {error}")
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    os.replace(temporary, path)
 
 
 def library_versions() -> dict[str, str]:
