@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
+from rich.progress import ProgressColumn
+from rich.text import Text
 
 T = TypeVar("T")
 
@@ -35,10 +37,12 @@ def is_terminal() -> bool:
 
 
 def progress(items: Iterable[T], total: int | None = None, description: str = "",
-             every: int = 10, min_seconds: float = 5.0) -> Iterator[T]:
+             every: int = 10, min_seconds: float = 5.0,
+             status: Callable[[], str] | None = None) -> Iterator[T]:
     """Yield ``items`` while showing progress on stderr.
 
-    A rich progress bar on a terminal; otherwise a plain ``description i/total``
+    A rich progress bar on a terminal, with items per second and, after each item, the text
+    ``status()`` returns (e.g. the last loss); otherwise a plain ``description i/total``
     line every ``every`` items or ``min_seconds``, whichever comes first, and at the end.
     """
     if total is None and hasattr(items, "__len__"):
@@ -47,13 +51,13 @@ def progress(items: Iterable[T], total: int | None = None, description: str = ""
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn())
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
         with Progress(*columns, console=console, transient=False) as bar:
-            task = bar.add_task(description, total=total)
+            task = bar.add_task(description, total=total, status="")
             for item in items:
                 yield item
-                bar.advance(task)
+                bar.update(task, advance=1, status=status() if status is not None else "")
         return
     done = 0
     last_print = time.monotonic()
@@ -64,3 +68,10 @@ def progress(items: Iterable[T], total: int | None = None, description: str = ""
         if done % every == 0 or now - last_print >= min_seconds or done == total:
             info(f"{description} {done}/{total if total is not None else '?'}")
             last_print = now
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second, as rich estimates it (rich's own speed column counts bytes)."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} it/s" if task.speed else "- it/s")

@@ -921,9 +921,11 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
             loader = DataLoader(dataset, batch_sampler=StepBatches(options.steps_per_epoch, options.batch_size, rank,
                                                                    world_size, first_step),
                                 num_workers=workers, pin_memory=device.type == "cuda")
+            train_losses: list[float] = []
             batches = log.progress(loader, total=len(loader.batch_sampler), description=f"epoch {epoch + 1}",
-                                   every=options.log_every) if is_writer else loader
-            train_losses = []
+                                   every=options.log_every,
+                                   status=lambda: f"loss {train_losses[-1]:.4f}" if train_losses else ""
+                                   ) if is_writer else loader
             step_end = time.monotonic()
             for step_in_epoch, (images, labels, weights) in enumerate(batches, start=first_step):
                 data_wait = time.monotonic() - step_end

@@ -60,3 +60,21 @@ def test_options_are_grouped_in_panels(command, panels):
                             env={**os.environ, "COLUMNS": "200"})
     for panel in panels:
         assert f"╭─ {panel} " in result.stdout
+
+
+def test_progress_bar_on_a_terminal_shows_rate_and_status(monkeypatch):
+    """On a terminal each epoch's bar carries items per second and the last loss."""
+    import io
+
+    from rich.console import Console
+
+    from mriseg import log
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(log, "is_terminal", lambda: True)
+    monkeypatch.setattr(log, "console", Console(file=buffer, force_terminal=True, width=150))
+    losses: list[float] = []
+    for step in log.progress(range(4), description="epoch 1", status=lambda: f"loss {losses[-1]:.4f}"):
+        losses.append(1.0 / (step + 1))
+    screen = buffer.getvalue()
+    assert "epoch 1" in screen and "4/4" in screen and "it/s" in screen and "loss 0.2500" in screen
