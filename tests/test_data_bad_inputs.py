@@ -185,3 +185,11 @@ def test_dicom_is_named_with_a_way_out(tmp_path, preprocess):
 
     with pytest.raises(BadInputError, match="IM0000: is a DICOM file"):
         read_case(series / "IM0000")
+
+
+def test_a_dataset_wrapped_in_one_more_folder_is_pointed_at(sources, tmp_path, preprocess):
+    """Kaggle's download is lgg-mri-segmentation/kaggle_3m/TCGA_*: the error says where the data are."""
+    copy(sources["lgg"], tmp_path / "lgg-mri-segmentation" / "kaggle_3m")
+    result = preprocess(tmp_path / "lgg-mri-segmentation", tmp_path)
+    assert_one_line_error(result, "one level down", "kaggle_3m (lgg layout)")
+    assert not (tmp_path / "cache").exists()

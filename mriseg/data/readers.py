@@ -206,8 +206,23 @@ def detect_layout(path: str | Path) -> str:
     if path.is_file():
         raise BadInputError(path, "is a file; a dataset is a folder (see docs/data-formats.md)")
     subdirs = _visible_dirs(path)
-    names = {d.name for d in subdirs}
-    if "imagesTr" in names:
+    layout = _layout_of(path, subdirs)
+    if layout is not None:
+        return layout
+    if any(_looks_like_dicom(f) for folder in (path, *subdirs) for f in _visible_files(folder)[:20]):
+        raise BadInputError(path, "holds DICOM files, which mriseg does not read: convert each series to "
+                                  "NIfTI first (e.g. dcm2niix -z y -o OUT SERIES_FOLDER)")
+    # Downloads often wrap the dataset in a folder or two (Kaggle's lgg-mri-segmentation/kaggle_3m).
+    below = [(d, found) for d in subdirs if (found := _layout_of(d, _visible_dirs(d))) is not None]
+    hint = (f"; the dataset seems to be one level down: {below[0][0]} ({below[0][1]} layout)" if below else
+            " (use --layout, see docs/data-formats.md)")
+    raise BadInputError(path, "unrecognised layout: no kaggle_3m TIF slices, BraTS/MSD NIfTI cases or "
+                              f"image/mask pairs found{hint}")
+
+
+def _layout_of(path: Path, subdirs: list[Path]) -> str | None:
+    """The layout ``path`` (with its sub-folders ``subdirs``) is in, judged by file names; None if none."""
+    if "imagesTr" in {d.name for d in subdirs}:
         return "msd"
     if _folder_pairs(path):
         return "pairs"
@@ -219,11 +234,7 @@ def detect_layout(path: str | Path) -> str:
         return "brats"
     if _pair_candidates(path):
         return "pairs"
-    if any(_looks_like_dicom(f) for folder in (path, *subdirs) for f in _visible_files(folder)[:20]):
-        raise BadInputError(path, "holds DICOM files, which mriseg does not read: convert each series to "
-                                  "NIfTI first (e.g. dcm2niix -z y -o OUT SERIES_FOLDER)")
-    raise BadInputError(path, "unrecognised layout: no kaggle_3m TIF slices, BraTS/MSD NIfTI cases or "
-                              "image/mask pairs found (use --layout, see docs/data-formats.md)")
+    return None
 
 
 def _looks_like_dicom(path: Path) -> bool:
