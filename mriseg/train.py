@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import itertools
 import json
 import math
 import os
@@ -632,19 +631,16 @@ def choose_device(requested: str, local_rank: int | None) -> torch.device:
 def default_patch_size(model: nn.Module, volume_shape: Sequence[int], largest: int = 128) -> tuple[int, ...]:
     """The largest 3D patch, at most the volume and ``largest`` along each axis, that ``model`` accepts.
 
-    Every registry model's size rule holds axis by axis (a multiple of 16; tiny3d's depth 4k - 1),
-    so the first accepted size in descending order is the largest on each axis. When none fits
-    (a volume smaller than the model's minimum) the capped volume shape is returned, and the
-    model's own error names sizes that work.
+    Size rules hold axis by axis (a multiple of 16; tiny3d's depth 4k - 1), so each axis takes the
+    largest accepted size on its own. An axis where nothing fits (a volume smaller than the model's
+    minimum) keeps its capped size, and the model's own error names sizes that work.
     """
     cap = tuple(min(int(s), largest) for s in volume_shape)
-    rule = getattr(model, "size_rule", None)
-    if rule is None:
+    axis_ok = getattr(getattr(model, "size_rule", None), "axis_ok", None)
+    if axis_ok is None:
         return cap
-    for size in itertools.product(*(range(c, 0, -1) for c in cap)):
-        if rule(size) is None:
-            return size
-    return cap
+    return tuple(next((size for size in range(limit, 0, -1) if axis_ok(axis, size)), limit)
+                 for axis, limit in enumerate(cap))
 
 
 def default_spatial_dims(model: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,16 @@ def test_output_has_input_size_and_out_channels(key):
     with torch.no_grad():
         out = model(torch.randn(2, 2, *size))
     assert out.shape == (2, 3, *size)
+
+
+@pytest.mark.parametrize("key", SMALL)
+def test_size_rules_hold_axis_by_axis(key):
+    """Training picks the largest patch a model takes axis by axis: each rule must say which sizes."""
+    rule = small_model(key).size_rule
+    rank = len(SMALL[key][2])
+    rng = np.random.default_rng(0)
+    for size in map(tuple, rng.integers(1, 300, size=(300, rank))):
+        assert (rule(size) is None) == all(rule.axis_ok(axis, n) for axis, n in enumerate(size))
 
 
 @pytest.mark.parametrize("key", SMALL)

@@ -293,6 +293,8 @@ def test_3d_only_models_default_to_3d_with_a_patch_they_accept():
     assert default_patch_size(tiny, (64, 64, 48)) == (64, 64, 47)  # depth 4k - 1, the rest as large as allowed
     unet3d = build_model("unet3d", 4, 3, spatial_dims=3, features=4)
     assert default_patch_size(unet3d, (20, 130, 300)) == (16, 128, 128)  # multiples of 8, at most 128
+    resunet = build_model("resunet", 4, 3, spatial_dims=3)
+    assert default_patch_size(resunet, (127, 127, 200)) == (96, 96, 128)  # multiples of 32
     assert default_patch_size(tiny, (64, 64, 5)) == (64, 64, 5)  # nothing fits: left for the model to name
 
 

@@ -180,19 +180,26 @@ class DecoderStage(nn.Module):
         return (y, *skips)
 
 
+# A size rule returns None when a model accepts a spatial size, else what is wrong. Every rule here
+# holds axis by axis; its ``axis_ok(axis, size)`` attribute says whether one axis's size is accepted
+# (training uses it to pick the largest patch a model takes).
 SizeRule = Callable[[Sequence[int]], Optional[str]]
 
 
 def divisible_by(factor: int) -> SizeRule:
     """Size rule: every spatial size must be a positive multiple of ``factor``."""
 
+    def axis_ok(axis: int, size: int) -> bool:
+        return size >= factor and size % factor == 0
+
     def problem(spatial_size: Sequence[int]) -> Optional[str]:
-        if all(size >= factor and size % factor == 0 for size in spatial_size):
+        if all(axis_ok(axis, size) for axis, size in enumerate(spatial_size)):
             return None
         nearest = [max(factor, round(size / factor) * factor) for size in spatial_size]
         return (f"each spatial size must be a multiple of {factor} (the total down-sampling); "
                 f"got {tuple(spatial_size)}, e.g. {tuple(nearest)} would work")
 
+    problem.axis_ok = axis_ok  # type: ignore[attr-defined]
     return problem
 
 

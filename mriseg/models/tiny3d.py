@@ -48,13 +48,21 @@ def conv_transpose_relu(in_channels: int, out_channels: int, kernel_size: tuple[
     return nn.Sequential(*layers)
 
 
+def tiny3d_axis_ok(axis: int, size: int) -> bool:
+    """H and W (axes 0, 1): multiples of 8, at least 16; depth (axis 2): 4k - 1, at least 7."""
+    return size >= 16 and size % 8 == 0 if axis < 2 else size >= 7 and size % 4 == 3
+
+
 def tiny3d_size_rule(spatial_size: Sequence[int]) -> Optional[str]:
     height, width, depth = spatial_size
-    if height >= 16 and height % 8 == 0 and width >= 16 and width % 8 == 0 and depth >= 7 and depth % 4 == 3:
+    if all(tiny3d_axis_ok(axis, size) for axis, size in enumerate(spatial_size)):
         return None
     suggestion = (max(16, round(height / 8) * 8), max(16, round(width / 8) * 8), max(7, round((depth + 1) / 4) * 4 - 1))
     return (f"needs H and W multiples of 8 (>= 16) and depth 4k - 1 (7, 11, ..., 155); "
             f"got {tuple(spatial_size)}, e.g. {suggestion} would work")
+
+
+tiny3d_size_rule.axis_ok = tiny3d_axis_ok  # type: ignore[attr-defined]
 
 
 class Tiny3dEncoder1(nn.Module):

@@ -27,14 +27,21 @@ from mriseg.models.blocks import (AttentionGate, BottleneckStage, DecoderStage, 
 VARIANTS = ("buda", "original")
 
 
+def valid_unet_axis_ok(axis: int, size: int) -> bool:
+    return size >= 188 and (size - 124) % 16 == 0
+
+
 def valid_unet_size_rule(spatial_size: Sequence[int]) -> Optional[str]:
     """The 2015 U-Net needs every size = 124 + 16k, k >= 4, so that each pooling sees an even size."""
-    if all(size >= 188 and (size - 124) % 16 == 0 for size in spatial_size):
+    if all(valid_unet_axis_ok(axis, size) for axis, size in enumerate(spatial_size)):
         return None
     nearest = [max(188, 124 + 16 * round((size - 124) / 16)) for size in spatial_size]
     return (f"with valid convolutions each spatial size must be 124 + 16k with k >= 4 "
             f"(188, 204, ..., 572, ...); got {tuple(spatial_size)}, e.g. {tuple(nearest)} would work "
             f"(output is 184 smaller)")
+
+
+valid_unet_size_rule.axis_ok = valid_unet_axis_ok  # type: ignore[attr-defined]
 
 
 def unet_stages(spatial_dims: int, in_channels: int, out_channels: int, features: int, original: bool = False,
