@@ -30,7 +30,8 @@ from mriseg.data.cache import open_cache  # noqa: E402
 from mriseg.data.synthetic import default_dataset  # noqa: E402
 from mriseg.losses import build_loss  # noqa: E402
 from mriseg.models import build_model  # noqa: E402
-from mriseg.train import choose_device, train  # noqa: E402
+from mriseg.devices import choose_device  # noqa: E402
+from mriseg.train import train  # noqa: E402
 
 
 def in_memory_batches(cache_path: Path, batch_size: int, count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

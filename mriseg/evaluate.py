@@ -17,9 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,14 +25,18 @@ from typing import Any
 
 import numpy as np
 
+from mriseg.data.readers import case_id_from_name
 from mriseg.errors import BadInputError, MrisegError
+from mriseg.files import write_text_atomic
+from mriseg.labels import REGION_SCHEMES, Region, Task
+from mriseg.metrics import dice_from_counts, iou_from_counts, missing_distance
 from mriseg.log import info, progress, warn
 
 # --- empty-mask policy ---------------------------------------------------------
 
 EMPTY_POLICIES = {
     "score": "both empty: Dice 1, IoU 1, HD95 0, ASSD 0; exactly one empty: Dice 0, IoU 0, "
-             "distances not defined",
+             "HD95 and ASSD the image diagonal (BraTS: 373.13 mm)",
     "ignore": "as 'score', but a region whose truth is empty is left out of every mean "
               "(MONAI's ignore_empty): false positives on tumour-free cases are not scored",
 }
@@ -106,19 +108,20 @@ def score_masks(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
     sensitivity = overlap / true_count if true_count else None
     precision = overlap / pred_count if pred_count else None
 
+    counts = (overlap, pred_count - overlap, true_count - overlap)
     if pred_count and true_count:
         pred_box, truth_box = _crop_to_union(pred, truth)
         spacing = tuple(float(s) for s in spacing)
         return MaskScores(
-            dice=2.0 * overlap / (pred_count + true_count),
-            iou=overlap / (pred_count + true_count - overlap),
+            dice=dice_from_counts(*counts), iou=iou_from_counts(*counts),
             hd95=float(hd95(pred_box, truth_box, voxelspacing=spacing)),
             assd=float(assd(pred_box, truth_box, voxelspacing=spacing)),
             sensitivity=sensitivity, precision=precision, empty_rule=NOT_EMPTY, **volumes)
     if not pred_count and not true_count:
         rule, dice, distance = BOTH_EMPTY, 1.0, 0.0
     else:
-        rule, dice, distance = (PRED_EMPTY if true_count else TRUTH_EMPTY), 0.0, None
+        rule, dice = (PRED_EMPTY if true_count else TRUTH_EMPTY), 0.0
+        distance = missing_distance(pred.shape, spacing)
     if empty == "ignore" and not true_count:
         dice, distance = None, None
     return MaskScores(dice=dice, iou=dice, hd95=distance, assd=distance,
@@ -127,28 +130,6 @@ def score_masks(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
 
 # --- label schemes and regions -------------------------------------------------
 
-@dataclass(frozen=True)
-class Region:
-    """A named set of label values scored as one binary mask; ``labels=None`` means any non-zero."""
-
-    name: str
-    labels: tuple[int, ...] | None
-
-    def mask(self, label_volume: np.ndarray) -> np.ndarray:
-        if self.labels is None:
-            return label_volume != 0
-        return np.isin(label_volume, self.labels)
-
-
-REGION_SCHEMES: dict[str, tuple[Region, ...]] = {
-    # BraTS: 1 necrosis / non-enhancing core, 2 oedema, 3 non-enhancing (before 2017), 4 enhancing.
-    "brats": (Region("WT", (1, 2, 3, 4)), Region("TC", (1, 3, 4)), Region("ET", (4,))),
-    # Medical Segmentation Decathlon Task01: 1 oedema, 2 non-enhancing tumour, 3 enhancing tumour.
-    # BraTS 2023: 1 necrotic core, 2 oedema, 3 enhancing tumour.
-    "brats2023": (Region("WT", (1, 2, 3)), Region("TC", (1, 3)), Region("ET", (3,))),
-    "msd": (Region("WT", (1, 2, 3)), Region("TC", (2, 3)), Region("ET", (3,))),
-    "binary": (Region("tumour", None),),
-}
 REGION_CHOICES = ("auto", "binary", "labels", "brats", "brats2023", "msd")
 """``--regions`` values; a custom scheme is also accepted as ``NAME=1,2;NAME=4``."""
 
@@ -167,6 +148,8 @@ def parse_regions(spec: str) -> str | tuple[Region, ...]:
         if not sep or not name.strip() or not labels:
             raise MrisegError(f"--regions {spec!r}: expected one of {', '.join(REGION_CHOICES)} "
                               "or regions like 'WT=1,2,3,4;TC=1,3,4;ET=4'")
+        if name.strip() in {region.name for region in regions}:
+            raise MrisegError(f"--regions {spec!r} names region {name.strip()!r} twice")
         regions.append(Region(name.strip(), labels))
     if not regions:
         raise MrisegError(f"--regions {spec!r} names no region")
@@ -199,8 +182,6 @@ def regions_for_case(scheme: str | tuple[Region, ...], pred: "MaskVolume",
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SLICE_SUFFIXES = (".tif", ".tiff", ".png")
-# Suffixes a mask file name may carry beyond its case id (``<id>_seg.nii.gz``).
-_ID_SUFFIXES = ("_seg", "-seg", "_mask", "_label", "_labels")
 
 
 @dataclass
@@ -234,18 +215,6 @@ def _is_side_output(path: Path) -> bool:
     return (path.is_dir() and path.name == "overlays") or stem.endswith("_probabilities")
 
 
-def case_id_from_name(name: str) -> str:
-    """``BraTS_001_seg.nii.gz`` -> ``BraTS_001``; ``case.png`` -> ``case``."""
-    for suffix in NIFTI_SUFFIXES + SLICE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    for suffix in _ID_SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _as_labels(data: np.ndarray, path: Path) -> np.ndarray:
     """Integer labels from a stored array; floats must hold whole numbers (BraTS stores float32)."""
     if data.dtype.kind == "b":
@@ -277,8 +246,13 @@ def read_nifti_mask(path: Path, case_id: str | None = None) -> MaskVolume:
     if data.ndim not in (2, 3):
         raise BadInputError(path, f"mask must be 2D or 3D, got shape {data.shape}")
     zooms = tuple(float(z) for z in image.header.get_zooms()[: data.ndim])
-    return MaskVolume(case_id or case_id_from_name(path.name), _as_labels(data, path), zooms,
-                      np.asarray(image.affine, dtype=np.float64), path)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise BadInputError(path, f"voxel sizes {zooms} must be finite and positive (distances and volumes "
+                                  "would be meaningless)")
+    if not np.isfinite(affine).all():
+        raise BadInputError(path, "the affine holds NaN or infinite values")
+    return MaskVolume(case_id or case_id_from_name(path.name), _as_labels(data, path), zooms, affine, path)
 
 
 def _read_slice(path: Path) -> np.ndarray:
@@ -461,24 +435,6 @@ def prepare_output_folder(out: Path, overwrite: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise BadInputError(out, f"cannot create output folder ({error.strerror})") from error
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: a reader never sees half a file."""
-    try:
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise BadInputError(path, f"cannot write ({error.strerror})") from error
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except OSError as error:  # disk full: name the file instead of a bare errno
-        Path(temporary).unlink(missing_ok=True)
-        raise BadInputError(path, f"cannot write ({error.strerror})") from error
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _csv_cell(value: Any) -> Any:
@@ -690,47 +646,31 @@ def results_table(result: EvaluationResult) -> Any:
 
 # --- predicting in memory (--model) ------------------------------------------------------
 
-def scheme_from_task(task: dict) -> tuple[Region, ...] | None:
-    """The regions a model was trained on (``task.kind == "regions"`` with named regions), if any."""
-    regions = task.get("regions")
-    if task.get("kind") != "regions" or not isinstance(regions, dict):
-        return None
-    return tuple(Region(str(name), tuple(int(v) for v in labels)) for name, labels in regions.items())
-
-
-def predicted_labels(case: Any, loaded: Any, options: Any) -> np.ndarray:
-    """The label map ``mriseg predict`` writes for ``case``, kept in memory.
-
-    The same steps as :func:`mriseg.predict.predict_case` without its writers; a test checks
-    that both give identical masks.
-    """
-    from mriseg.data.preprocess import PreprocessParams, preprocess_case, restore_to_source
-    from mriseg.predict import infer, keep_largest_component, probabilities_to_labels, select_modalities
-
-    selected = select_modalities(case, loaded.modalities, loaded.in_channels)
-    params = PreprocessParams.from_dict(loaded.checkpoint.get("preprocess") or {})
-    image, _, record = preprocess_case(selected, params)
-    probabilities = infer(loaded, np.asarray(image, dtype=np.float32), selected.slice_axis, options)
-    labels = restore_to_source(probabilities_to_labels(probabilities, loaded.task, options.threshold), record)
-    return keep_largest_component(labels) if options.largest_component else labels
+def scheme_from_task(task: Task) -> tuple[Region, ...] | None:
+    """The regions a model was trained on (a ``regions`` task), if any."""
+    return task.regions if task.kind == "regions" else None
 
 
 def evaluate_model(model: Path, data: Path, out: Path, regions: str = "auto", empty: str = "score",
                    overwrite: bool = False, modalities: str | None = None, device: str = "auto",
-                   batch_size: int = 8, tta: bool = False, largest_component: bool = False) -> EvaluationResult:
+                   batch_size: int = 8, tta: bool = False, largest_component: bool = False,
+                   interpolation: str = "linear") -> EvaluationResult:
     """Predict every labelled case of ``data`` with ``model`` in memory and score it; nothing but the
     reports is written.
 
-    The prediction is the one ``mriseg predict`` would write (same checkpoint preprocessing,
-    inference and mapping back to the source grid). ``regions="auto"`` scores the regions the model
-    was trained on when its checkpoint names them, else the dataset's scheme.
+    The prediction is the one ``mriseg predict`` writes (the same engine:
+    :meth:`mriseg.inference.LoadedModel.predict`). The truth is mapped with the checkpoint's label
+    map (``preprocess --label-map``) before scoring, so both sides use the trained labels.
+    ``regions="auto"`` scores the regions the model was trained on when it was trained on regions,
+    else the dataset's scheme.
     """
     from mriseg.data.readers import list_cases, read_case
-    from mriseg.predict import PredictOptions, load_model
+    from mriseg.inference import InferenceSettings, keep_largest_component, load_model
 
     if empty not in EMPTY_POLICIES:
         raise MrisegError(f"--empty {empty!r}: choose one of {', '.join(EMPTY_POLICIES)}")
     scheme = parse_regions(regions)
+    settings = InferenceSettings(batch_size=batch_size, tta=tta, interpolation=interpolation)
     loaded = load_model(model, device)
     refs = list_cases(data, modalities=modalities)
     labelled = [ref for ref in refs if ref.has_label]
@@ -743,17 +683,18 @@ def evaluate_model(model: Path, data: Path, out: Path, regions: str = "auto", em
         info(f"label scheme: {scheme if isinstance(scheme, str) else 'regions of the checkpoint'} "
              "(change with --regions)")
     prepare_output_folder(out, overwrite)
-    options = PredictOptions(out=out, batch_size=batch_size, tta=tta, largest_component=largest_component,
-                             device=device, modalities=modalities)
 
     def pairs() -> Iterator[tuple[MaskVolume, MaskVolume]]:
         for ref in labelled:
             case = read_case(ref)
+            labels = loaded.predict(case, settings).labels
+            if largest_component:
+                labels = keep_largest_component(labels)
             # NIfTI carries its voxel size; TIF/PNG slices do not (the reader assumes 1 mm).
             known = case.affine is not None
-            yield (MaskVolume(case.case_id, predicted_labels(case, loaded, options), case.spacing, case.affine,
-                              loaded.path, spacing_known=known),
-                   MaskVolume(case.case_id, case.label, case.spacing, case.affine, ref.label_paths[0],
+            truth = loaded.task.truth_labels(case.label)
+            yield (MaskVolume(case.case_id, labels, case.spacing, case.affine, loaded.path, spacing_known=known),
+                   MaskVolume(case.case_id, truth, case.spacing, case.affine, ref.label_paths[0],
                               spacing_known=known))
 
     return score_and_report(pairs(), len(labelled), scheme, empty, out)

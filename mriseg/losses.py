@@ -6,6 +6,9 @@ Every loss takes raw logits and a target and returns a scalar:
 - softmax tasks: logits ``(N, K, *spatial)``, target long ``(N, *spatial)`` of class
   indices, where ``ignore_index`` marks voxels that count for nothing.
 
+Sigmoid targets mark ignored voxels with -1 (:data:`mriseg.labels.IGNORED`), as
+:meth:`mriseg.labels.Task.targets` makes them.
+
 Names (``--loss``): ``dice`` (soft Dice, smooth 1, as in the reference LGG program),
 ``bce``, ``bce-dice`` (``w * BCE + (1 - w) * Dice``, the seeds' "calc loss"), ``soft-iou``,
 ``ce``, ``dice-ce``, ``focal`` (Lin et al. 2017) and ``border-ce``, the U-Net paper's
@@ -13,7 +16,7 @@ cross-entropy weighted by ``w(x) = w_c(x) + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))
 (Ronneberger et al. 2015, eq. 2), whose maps :func:`border_weight_map` computes once per
 label volume. For sigmoid tasks the cross-entropy term of ``ce``/``dice-ce``/``border-ce``
 is binary cross-entropy. Deep-supervision models return several heads;
-:func:`deep_supervision_loss` sums the loss over them with halving weights.
+:func:`deep_supervision_loss` weighs the loss over them.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def _probabilities_and_onehot(logits: Tensor, target: Tensor, activation: str,
     """Probabilities and a matching float target, both ``(N, C, *spatial)``, with ignored
     voxels zeroed in both. Softmax tasks drop the background channel (class 0)."""
     if activation == "sigmoid":
-        return torch.sigmoid(logits), target.to(logits.dtype)
+        valid = (target >= 0).to(logits.dtype)  # IGNORED (-1) voxels count for nothing
+        return torch.sigmoid(logits) * valid, target.clamp_min(0).to(logits.dtype) * valid
     probabilities = torch.softmax(logits, dim=1)
     valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
     onehot = F.one_hot(torch.where(valid, target, 0), logits.shape[1]).movedim(-1, 1).to(logits.dtype)
@@ -75,8 +79,10 @@ def _pixel_cross_entropy(logits: Tensor, target: Tensor, activation: str,
     """Cross-entropy per voxel and a validity mask, both ``(N, *spatial)``; sigmoid channels are averaged."""
     logits = logits.float()
     if activation == "sigmoid":
-        per_voxel = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").mean(1)
-        return per_voxel, torch.ones_like(per_voxel)
+        valid = target >= 0  # IGNORED (-1) voxels count for nothing
+        per_element = F.binary_cross_entropy_with_logits(logits, target.clamp_min(0).to(logits.dtype),
+                                                         reduction="none")
+        return (per_element * valid).mean(1), valid.any(1).to(logits.dtype)
     index = -100 if ignore_index is None else ignore_index
     per_voxel = F.cross_entropy(logits, target.long(), ignore_index=index, reduction="none")
     return per_voxel, (target != index).to(per_voxel.dtype)
@@ -95,8 +101,9 @@ def focal_loss(logits: Tensor, target: Tensor, activation: str = "sigmoid",
     """Mean of ``-(1 - p_t)^gamma * log(p_t)`` over the voxels that count."""
     logits = logits.float()
     if activation == "sigmoid":
-        log_pt = -F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
-        return (-(1 - log_pt.exp()) ** gamma * log_pt).mean()
+        valid = (target >= 0).to(logits.dtype)
+        log_pt = -F.binary_cross_entropy_with_logits(logits, target.clamp_min(0).to(logits.dtype), reduction="none")
+        return ((-(1 - log_pt.exp()) ** gamma * log_pt) * valid).sum() / valid.sum().clamp_min(1)
     per_voxel, valid = _pixel_cross_entropy(logits, target, activation, ignore_index)
     log_pt = -per_voxel
     return ((-(1 - log_pt.exp()) ** gamma * log_pt) * valid).sum() / valid.sum().clamp_min(1)
@@ -172,12 +179,14 @@ def deep_supervision_loss(loss: LossFunction, outputs: Tensor | Sequence[Tensor]
                           pixel_weights: Tensor | None = None) -> Tensor:
     """``loss`` on one output, or the weighted sum over deep-supervision heads.
 
-    Head ``i`` (0 = full resolution) gets weight ``2^-i``, normalised to sum to 1
-    (as in nnU-Net); lower-resolution heads are upsampled to the target's size.
+    Heads that all have the target's resolution (U-Net++'s X0,1..X0,4) are averaged, as in
+    Zhou et al. 2018. Heads of falling resolution (0 = full) get weights ``2^-i``, normalised
+    to sum to 1 (as in nnU-Net), and are upsampled to the target's size.
     """
     if isinstance(outputs, Tensor):
         return loss(outputs, target, pixel_weights)
-    raw = torch.tensor([0.5 ** index for index in range(len(outputs))])
+    same_size = all(head.shape[2:] == outputs[0].shape[2:] for head in outputs)
+    raw = torch.tensor([1.0 if same_size else 0.5 ** index for index in range(len(outputs))])
     weights = raw / raw.sum()
     total = outputs[0].new_zeros((), dtype=torch.float32)
     size = outputs[0].shape[2:]

@@ -37,19 +37,18 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mriseg import __version__, log
 from mriseg.augment import augment_batch, parse_augment
 from mriseg.checkpoint import load_checkpoint, save_checkpoint
-from mriseg.data.cache import write_json_atomic
+from mriseg.devices import choose_device
 from mriseg.errors import BadInputError, MrisegError
+from mriseg.files import write_json_atomic
+from mriseg.inference import InferenceSettings, predict_logits
+from mriseg.inference.windows import PAD_VALUE
+from mriseg.labels import IGNORED, Task, task_for_labels
 from mriseg.losses import LOSS_NAMES, border_weight_map, build_loss, deep_supervision_loss
+from mriseg.metrics import dice
 
 TASKS = ("auto", "binary", "multiclass", "regions")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "step", "cosine", "poly", "constant")
-# BraTS regions (Menze et al. 2015; region-based training as in Isensee et al. 2021) per label scheme.
-REGIONS = {
-    "brats": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]},
-    "brats2013": {"WT": [1, 2, 3, 4], "TC": [1, 3, 4], "ET": [4]},
-    "brats2023": {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]},
-}
 # Options a resumed run may change; everything else comes from the run's config.json.
 RESUME_OVERRIDABLE = ("epochs", "patience", "device", "workers", "amp", "compile", "log_every")
 
@@ -130,60 +129,16 @@ class TrainOptions:
         return dataclasses.asdict(self)
 
 
-def resolve_task(label_info: dict[str, Any], requested: str, ignore_index: int, source: Path) -> dict[str, Any]:
-    """The task dict stored in checkpoints: what the output channels mean and how to decode them.
-
-    ``kind`` binary: 1 sigmoid channel for ``foreground_label`` 1. ``regions``: one sigmoid channel
-    per BraTS region (``regions`` maps name -> label values). ``multiclass``: softmax over ``labels``
-    (channel i is label value ``labels[i]``), ``ignore_index`` voxels count for nothing. All kinds
-    carry ``activation``, ``out_channels``, ``labels`` and ``channel_names``.
-    """
-    values = [v for v in label_info.get("values", []) if v != ignore_index]
-    scheme = label_info.get("scheme", "")
-    kind = requested
-    if kind == "auto":
-        kind = "binary" if set(values) <= {0, 1} else "regions" if scheme in REGIONS else "multiclass"
-    names = label_info.get("names", {})
-    if kind == "binary":
-        if not set(values) <= {0, 1}:
-            raise BadInputError(source, f"labels {values} do not fit --task binary (needs values 0 and 1); "
-                                        "use --task multiclass or regions, or remap with preprocess --label-map")
-        return {"kind": "binary", "activation": "sigmoid", "out_channels": 1, "labels": [0, 1],
-                "foreground_label": 1, "channel_names": [names.get("1", "tumour")], "threshold": 0.5, "ignore_index": None}
-    if kind == "regions":
-        if scheme not in REGIONS:
-            raise BadInputError(source, f"labels {values} (scheme {scheme!r}) do not fit --task regions, which needs "
-                                        "BraTS labels (0, 1, 2, 4 or 0-4 or 0-3); use --task multiclass")
-        regions = REGIONS[scheme]
-        return {"kind": "regions", "activation": "sigmoid", "out_channels": len(regions), "labels": values,
-                "regions": regions, "channel_names": list(regions), "threshold": 0.5, "ignore_index": None}
-    if len(values) < 2 or 0 not in values:
-        raise BadInputError(source, f"labels {values} do not fit --task multiclass (needs background 0 and "
-                                    "at least one other class)")
-    return {"kind": "multiclass", "activation": "softmax", "out_channels": len(values), "labels": values,
-            "channel_names": [names.get(str(v), f"class{v}") for v in values], "ignore_index": ignore_index}
-
-
-def make_targets(labels: Tensor, task: dict[str, Any]) -> Tensor:
-    """Label values ``(N, *S)`` -> what the loss compares with (see :mod:`mriseg.losses`)."""
-    if task["kind"] == "binary":
-        return (labels == 1).unsqueeze(1).float()
-    if task["kind"] == "regions":
-        return torch.stack([torch.isin(labels, torch.tensor(values, device=labels.device))
-                            for values in task["regions"].values()], dim=1).float()
-    lookup = torch.full((256,), task["ignore_index"], dtype=torch.long, device=labels.device)
-    lookup[torch.tensor(task["labels"], device=labels.device)] = torch.arange(
-        len(task["labels"]), device=labels.device)
-    return lookup[labels.long()]
-
-
-def predict_masks(logits: Tensor, task: dict[str, Any]) -> Tensor:
-    """Logits ``(N, K, *S)`` -> boolean masks ``(N, M, *S)``, one per scored channel
-    (binary: tumour; regions: each region; multiclass: every class but background)."""
-    if task["activation"] == "sigmoid":
-        return logits > math.log(task["threshold"] / (1 - task["threshold"]))
-    classes = logits.argmax(1)
-    return torch.stack([classes == index for index in range(1, logits.shape[1])], dim=1)
+def resolve_task(label_info: dict[str, Any], requested: str, ignore_index: int, source: Path,
+                 label_map: dict[int, int] | None = None) -> Task:
+    """The task the checkpoint stores (see :func:`mriseg.labels.task_for_labels`); the ignore label
+    counts only when the cache holds it."""
+    values = [int(v) for v in label_info.get("values", [])]
+    ignore = ignore_index if ignore_index in values else None
+    try:
+        return task_for_labels(label_info, requested, ignore, label_map)
+    except MrisegError as error:
+        raise BadInputError(source, str(error)) from None
 
 
 # --- 2. data -------------------------------------------------------------------
@@ -290,10 +245,9 @@ class TrainingSamples(Dataset):
         label = np.asarray(volume.label[region])
         weights = np.asarray(volume.border_weights[region]) if volume.border_weights is not None else None
         missing = patch - np.array(label.shape)
-        if missing.any():  # volume smaller than the patch: pad with each channel's minimum and background
+        if missing.any():  # volume smaller than the patch: pad with the normalised background, as inference does
             pad = [(0, int(m)) for m in missing]
-            fill = [float(np.min(volume.image[c])) for c in range(image.shape[0])]
-            image = np.stack([np.pad(image[c], pad, constant_values=fill[c]) for c in range(image.shape[0])])
+            image = np.pad(image, [(0, 0), *pad], constant_values=PAD_VALUE)
             label = np.pad(label, pad)
             weights = np.pad(weights, pad, constant_values=1) if weights is not None else None
         return image, label, weights
@@ -395,77 +349,30 @@ def build_optimizer(parameters, options: TrainOptions) -> torch.optim.Optimizer:
 
 # --- 4. validation -------------------------------------------------------------
 
-def dice_score(predicted: Tensor, truth: Tensor) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty (nothing to find, nothing found)."""
-    total = predicted.sum().item() + truth.sum().item()
-    return 1.0 if total == 0 else 2 * (predicted & truth).sum().item() / total
-
-
-def _as_logits(output: Tensor | list[Tensor]) -> Tensor:
-    return output[0] if isinstance(output, (list, tuple)) else output
-
-
-def predict_volume(model: nn.Module, volume: Volume, spatial_dims: int, batch_size: int,
-                   patch_size: tuple[int, ...] | None, device: torch.device, autocast) -> Tensor:
-    """Logits for a whole volume on the CPU: 2D slice by slice, stacked back along the slice axis
-    (``(S, K, *in-plane)``), or 3D by sliding windows with half-patch overlap (``(1, K, *S)``)."""
-    if spatial_dims == 2:
-        outputs = []
-        for start in range(0, volume.slices, batch_size):
-            index = np.arange(start, min(start + batch_size, volume.slices))
-            images = torch.from_numpy(np.ascontiguousarray(
-                np.moveaxis(np.take(volume.image, index, axis=volume.slice_axis + 1), volume.slice_axis + 1, 0),
-                dtype=np.float32)).to(device)
-            with autocast:
-                outputs.append(_as_logits(model(images)).float().cpu())
-        return torch.cat(outputs)
-    image = torch.from_numpy(np.asarray(volume.image, dtype=np.float32))
-    source_shape = tuple(image.shape[1:])
-    patch = list(patch_size or source_shape)
-    shape = tuple(max(p, s) for p, s in zip(patch, source_shape))
-    if shape != source_shape:  # smaller than the patch: padded at the end as the training sampler pads it
-        padded = image.flatten(1).min(dim=1).values.view(-1, 1, 1, 1).repeat(1, *shape)
-        padded[(slice(None), *(slice(0, s) for s in source_shape))] = image
-        image = padded
-    starts = [sorted({*range(0, s - p + 1, max(1, p // 2)), s - p}) for s, p in zip(shape, patch)]
-    logits, counts = None, torch.zeros(shape)
-    for corner in np.stack(np.meshgrid(*starts, indexing="ij"), -1).reshape(-1, 3):
-        region = tuple(slice(int(c), int(c) + p) for c, p in zip(corner, patch))
-        with autocast:
-            output = _as_logits(model(image[(slice(None), *region)][None].to(device))).float().cpu()[0]
-        if logits is None:
-            logits = torch.zeros((output.shape[0], *shape))
-        logits[(slice(None), *region)] += output
-        counts[region] += 1
-    return (logits / counts)[(slice(None), *(slice(0, s) for s in source_shape))][None]
-
-
 @torch.no_grad()
-def validate(model: nn.Module, volumes: list[Volume], task: dict[str, Any], loss_fn, options: TrainOptions,
-             device: torch.device, autocast) -> list[dict[str, Any]]:
-    """One record per volume: loss and per-volume Dice of each scored channel, and their mean."""
-    model.eval()
+def validate(model: nn.Module, volumes: list[Volume], task: Task, loss_fn, options: TrainOptions,
+             amp: bool) -> list[dict[str, Any]]:
+    """One record per volume: loss and per-volume Dice of each scored region, and their mean.
+
+    The volume is predicted by the one inference engine (:func:`mriseg.inference.predict_logits`,
+    the same call ``predict`` and ``evaluate --model`` make) and decoded by the task, so a
+    checkpoint's validation Dice is what scoring it on the cached grid gives.
+    """
+    settings = InferenceSettings(patch_size=options.patch_size if options.spatial_dims == 3 else None,
+                                 batch_size=options.batch_size, amp=amp)
     records = []
     for volume in volumes:
-        logits = predict_volume(model, volume, options.spatial_dims, options.batch_size, options.patch_size,
-                                device, autocast)
-        label = torch.from_numpy(np.asarray(volume.label, dtype=np.int64))
-        label = label.movedim(volume.slice_axis, 0) if options.spatial_dims == 2 else label[None]
-        if logits.shape[2:] != label.shape[1:]:
-            label = _centre_crop(label, logits.shape[2:])
-        targets = make_targets(label, task)
-        masks = predict_masks(logits, task)
-        truths = targets.bool() if task["activation"] == "sigmoid" else torch.stack(
-            [targets == index for index in range(1, logits.shape[1])], dim=1)
+        image, label = np.asarray(volume.image, dtype=np.float32), np.asarray(volume.label)
+        logits = predict_logits(model, image, options.spatial_dims, volume.slice_axis, settings)
+        targets = task.targets(torch.from_numpy(label.astype(np.int64))[None])
         weights = None
         if volume.border_weights is not None:
-            weights = torch.from_numpy(np.asarray(volume.border_weights, dtype=np.float32))
-            weights = weights.movedim(volume.slice_axis, 0) if options.spatial_dims == 2 else weights[None]
-            weights = _centre_crop(weights, logits.shape[2:])
-        scores = [dice_score(masks[:, c], truths[:, c]) for c in range(masks.shape[1])]
-        records.append({"case_id": volume.case_id, "loss": loss_fn(logits, targets, weights).item(),
-                        "dice": float(np.mean(scores)), "channels": scores})
-    model.train()
+            weights = torch.from_numpy(np.asarray(volume.border_weights, dtype=np.float32))[None]
+        loss = loss_fn(logits[None], targets, weights).item()
+        predicted = task.decode(task.probabilities(logits[None])[0].numpy())
+        valid = label != task.ignore_label if task.ignore_label is not None else None
+        scores = [dice(p, t, valid) for p, t in zip(task.scored_masks(predicted), task.scored_masks(label))]
+        records.append({"case_id": volume.case_id, "loss": loss, "dice": float(np.mean(scores)), "channels": scores})
     return records
 
 
@@ -569,6 +476,20 @@ def read_run_config(path: Path) -> dict[str, Any]:
     return saved
 
 
+def saved_split(run_dir: Path, labelled: list[str]) -> tuple[list[str], list[str]]:
+    """The train / validation split a resumed run was started with (config.json), never recomputed:
+    cases added to the cache since then must not move from training into validation."""
+    path = run_dir / "config.json"
+    saved = read_run_config(path)
+    train_ids, val_ids = saved.get("train_cases"), saved.get("val_cases")
+    if not (isinstance(train_ids, list) and isinstance(val_ids, list) and train_ids and val_ids):
+        raise BadInputError(path, "has no train_cases / val_cases lists to resume with")
+    missing = sorted(set(train_ids + val_ids) - set(labelled))
+    if missing:
+        raise BadInputError(path, f"cases of the run are no longer labelled in the cache: {', '.join(missing[:5])}")
+    return [str(c) for c in train_ids], [str(c) for c in val_ids]
+
+
 def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> None:
     try:
         if overwrite and not resume:
@@ -602,30 +523,6 @@ def library_versions() -> dict[str, str]:
 
 
 # --- 6. device, distributed, data source ---------------------------------------
-
-def choose_device(requested: str, local_rank: int | None) -> torch.device:
-    if requested == "auto":
-        if torch.cuda.is_available():
-            requested = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            requested = "mps"
-        else:
-            requested = "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MrisegError(f"--device {requested}: CUDA is not available on this machine")
-        if local_rank is not None:
-            return torch.device("cuda", local_rank)
-        device = torch.device(requested)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise MrisegError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s)")
-        return device
-    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise MrisegError("--device mps: Apple MPS is not available on this machine")
-    if requested not in ("cpu", "mps"):
-        raise MrisegError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {requested!r}")
-    return torch.device(requested)
-
 
 def default_patch_size(model: nn.Module, volume_shape: Sequence[int], largest: int = 128) -> tuple[int, ...]:
     """The largest 3D patch, at most the volume and ``largest`` along each axis, that ``model`` accepts.
@@ -800,12 +697,13 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
     labelled = [case_id for case_id in cache.case_ids if cache.record(case_id).get("has_label")]
     if len(labelled) < 2:
         raise BadInputError(cache.path, f"needs at least 2 labelled cases to train and validate, has {len(labelled)}")
-    task = resolve_task(cache.label_info, options.task, options.ignore_index, cache.path)
+    label_map = {int(k): int(v) for k, v in (cache.manifest["params"].get("label_map") or {}).items()}
+    task = resolve_task(cache.label_info, options.task, options.ignore_index, cache.path, label_map)
     in_channels = len(cache.modalities)
     spatial_shape = cache.record(labelled[0])["shape"]
     if options.spatial_dims == 3 and len(spatial_shape) != 3:
         raise BadInputError(cache.path, "--dims 3 needs 3D volumes; this cache holds 2D images")
-    train_ids, val_ids = split_cases(labelled, options)
+    train_ids, val_ids = split_cases(labelled, options) if not resume else saved_split(run_dir, labelled)
     border = options.loss == "border-ce"
     train_volumes = load_volumes(cache, train_ids, options.spatial_dims, options.uniform_share, border,
                                  options.ignore_index)
@@ -816,7 +714,7 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
         options.steps_per_epoch = max(1, math.ceil(samples / (options.batch_size * world_size)))
 
     # model, optimiser, schedule, precision
-    raw_model = build_model(options.model, in_channels, task["out_channels"], spatial_dims=options.spatial_dims,
+    raw_model = build_model(options.model, in_channels, task.out_channels, spatial_dims=options.spatial_dims,
                             **options.model_options)
     if options.spatial_dims == 3 and options.patch_size is None:
         options.patch_size = default_patch_size(raw_model, spatial_shape)
@@ -846,7 +744,7 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
         log.warn(f"--amp is not supported on {device.type}; training in float32")
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loss_fn = build_loss(options.loss, task["activation"], task.get("ignore_index"), options.bce_weight)
+    loss_fn = build_loss(options.loss, task.activation, IGNORED, options.bce_weight)
     augment = parse_augment(options.augment)
 
     # state that --resume restores
@@ -867,10 +765,10 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
 
     def checkpoint_payload(epoch: int, step_in_epoch: int, with_training_state: bool) -> dict[str, Any]:
         payload = {
-            "model": {"name": options.model, "in_channels": in_channels, "out_channels": task["out_channels"],
+            "model": {"name": options.model, "in_channels": in_channels, "out_channels": task.out_channels,
                       "spatial_dims": options.spatial_dims, "options": options.model_options},
             "state_dict": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
-            "preprocess": cache.manifest["params"], "modalities": cache.modalities, "task": task,
+            "preprocess": cache.manifest["params"], "modalities": cache.modalities, "task": task.to_dict(),
             "label_info": cache.label_info, "patch_size": list(options.patch_size or []),
             "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
         }
@@ -888,7 +786,7 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
     if is_writer:
         if not resume:
             config = {"data": str(data) if data is not None else None, "cache": str(cache.path),
-                      "options": options.to_dict(), "task": task, "in_channels": in_channels,
+                      "options": options.to_dict(), "task": task.to_dict(), "in_channels": in_channels,
                       "modalities": cache.modalities, "preprocess": cache.manifest["params"],
                       "train_cases": train_ids, "val_cases": val_ids, "device": str(device), "world_size": world_size,
                       "amp_dtype": str(amp_dtype) if amp_dtype else None, "workers": workers,
@@ -897,7 +795,7 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
             point_latest_at(run_dir)
         run.say(description)
         run.say(f"run folder: {run_dir}" + (f" (resuming at epoch {start_epoch + 1}, step {global_step})" if resume else ""))
-        run.say(f"{options.model} {options.spatial_dims}D, task {task['kind']} ({', '.join(task['channel_names'])}), "
+        run.say(f"{options.model} {options.spatial_dims}D, task {task.kind} ({', '.join(task.channel_names)}), "
                 f"loss {options.loss}, {len(train_ids)} train / {len(val_ids)} val cases, "
                 f"{options.steps_per_epoch} steps of {options.batch_size}"
                 f"{f' x {world_size} ranks' if world_size > 1 else ''} per epoch, device {device}"
@@ -933,7 +831,7 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
                     images, labels, weights = augment_batch(images, labels, augment, generator, weights)
                 if options.channels_last:
                     images = images.contiguous(memory_format=memory_format)
-                targets = make_targets(labels, task)
+                targets = task.targets(labels)
                 lr = schedule.at(global_step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -985,7 +883,7 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
                     raise KeyboardInterrupt
 
             # validation on whole volumes, gathered from every rank
-            records = validate(raw_model, val_volumes, task, loss_fn, options, device, autocast)
+            records = validate(raw_model, val_volumes, task, loss_fn, options, amp_dtype is not None)
             if world_size > 1:
                 gathered: list[list[dict]] = [[] for _ in range(world_size)]
                 dist.all_gather_object(gathered, records)
@@ -1004,7 +902,7 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
                      "train_loss": float(np.mean(train_losses)) if train_losses else None,
                      "val_loss": float(np.mean([record["loss"] for record in records])),
                      "val_dice_mean": mean_dice, "val_dice_median": median_dice,
-                     "val_dice_channels": dict(zip(task["channel_names"], per_channel)),
+                     "val_dice_channels": dict(zip(task.channel_names, per_channel)),
                      "lr": schedule.at(global_step), "epoch_time": round(epoch_time, 3)}
             run.record(entry)
             if is_writer:
@@ -1027,7 +925,7 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
                     run.say(f"early stop: no gain in validation Dice for {options.patience} epochs")
                 break
 
-    summary = {"run_dir": str(run_dir), "model": options.model, "task": task["kind"],
+    summary = {"run_dir": str(run_dir), "model": options.model, "task": task.kind,
                "best_val_dice_mean": best_score, "best_epoch": best_epoch, "epochs_run": epoch + 1,
                "stopped_early": stopped_early, "steps": global_step, "seconds": round(time.monotonic() - started, 1),
                "device": str(device), "world_size": world_size, "best_checkpoint": str(run_dir / "best.pt"),

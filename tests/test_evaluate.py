@@ -18,6 +18,7 @@ from medpy.metric import binary as medpy_binary
 from PIL import Image
 
 from mriseg.errors import BadInputError, MrisegError
+from mriseg.labels import Task
 from mriseg.evaluate import (BOTH_EMPTY, PRED_EMPTY, REGION_SCHEMES, TRUTH_EMPTY, MaskVolume,
                              evaluate, evaluate_model, parse_regions, score_case, score_masks)
 
@@ -106,14 +107,21 @@ def test_both_empty_is_a_perfect_score():
 
 
 @pytest.mark.parametrize("pred_has_tumour", [True, False])
-def test_exactly_one_empty_scores_zero_and_leaves_distances_undefined(pred_has_tumour):
+def test_exactly_one_empty_scores_zero_and_the_image_diagonal(pred_has_tumour):
     tumour = cube((6, 6, 6), (1, 1, 1), 2)
     empty = np.zeros_like(tumour)
     pred, truth = (tumour, empty) if pred_has_tumour else (empty, tumour)
-    scores = score_masks(pred, truth, (1, 1, 1))
+    scores = score_masks(pred, truth, (1, 2, 3))
     assert (scores.dice, scores.iou) == (0.0, 0.0)
-    assert scores.hd95 is None and scores.assd is None
+    # a missed (or invented) tumour is penalised, never left out of the mean
+    assert scores.hd95 == scores.assd == pytest.approx(float(np.sqrt(6**2 + 12**2 + 18**2)))
     assert scores.empty_rule == (TRUTH_EMPTY if pred_has_tumour else PRED_EMPTY)
+
+
+def test_missing_distance_is_the_brats_penalty_on_the_brats_grid():
+    from mriseg.metrics import missing_distance
+
+    assert missing_distance((240, 240, 155), (1.0, 1.0, 1.0)) == pytest.approx(373.128664, abs=1e-5)
 
 
 def test_ignore_policy_drops_cases_whose_truth_is_empty():
@@ -144,7 +152,9 @@ def test_summary_counts_each_empty_rule_and_keeps_means_finite(tmp_path):
     assert tumour_report["empty"] == {BOTH_EMPTY: 1, PRED_EMPTY: 1, TRUTH_EMPTY: 1}
     assert tumour_report["metrics"]["dice"]["mean"] == pytest.approx((1 + 0 + 0 + 1) / 4)
     hd95 = tumour_report["metrics"]["hd95"]
-    assert hd95["n"] == 2 and hd95["max"] == 0.0  # the two one-sided cases are left out, not inf
+    # the two one-sided cases get the image diagonal (BraTS's penalty), never inf or left out
+    assert hd95["n"] == 4 and hd95["max"] == pytest.approx(np.sqrt(3 * 8**2))
+    assert hd95["mean"] == pytest.approx(2 * np.sqrt(3 * 8**2) / 4)
     text = (tmp_path / "out" / "summary.json").read_text()
     assert "Infinity" not in text and "NaN" not in text
 
@@ -429,6 +439,7 @@ def test_auto_scheme_follows_the_dataset_and_the_checkpoint():
     assert scheme_for_dataset(ref("msd", label_names=((0, "background"), (1, "tumour")))) == "binary"
     assert scheme_for_dataset(ref("msd", label_names=((0, "bg"), (1, "liver"), (2, "cancer")))) == "labels"
     assert scheme_for_dataset(ref("lgg")) == "binary"
-    regions = scheme_from_task({"kind": "regions", "regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}})
+    regions = scheme_from_task(Task.from_dict({"kind": "regions", "regions": {"WT": [1, 2, 4], "TC": [1, 4],
+                                                                              "ET": [4]}}))
     assert [(r.name, r.labels) for r in regions] == [("WT", (1, 2, 4)), ("TC", (1, 4)), ("ET", (4,))]
-    assert scheme_from_task({"kind": "binary", "labels": [0, 1]}) is None
+    assert scheme_from_task(Task.from_dict({"kind": "binary", "labels": [0, 1]})) is None

@@ -98,15 +98,30 @@ def test_border_weight_map_single_component_has_class_weights_only():
     assert border_weight_map(label).tolist() == [[1.0, 1.0, 1.0, 1.0]]
 
 
-def test_deep_supervision_halving_weights(sigmoid_case):
+def test_deep_supervision_averages_full_resolution_heads_and_halves_lower_ones(sigmoid_case):
     logits, target = sigmoid_case
     loss = build_loss("dice", "sigmoid")
     confident = torch.where(target > 0, 10.0, -10.0)
-    expected = (2 / 3) * loss(logits, target).item() + (1 / 3) * loss(confident, target).item()
+    # U-Net++'s heads are all full resolution: the paper averages them (X0,4, the whole network,
+    # must not get 1/15 of the loss)
+    expected = 0.5 * loss(logits, target).item() + 0.5 * loss(confident, target).item()
     assert deep_supervision_loss(loss, [logits, confident], target).item() == pytest.approx(expected, abs=1e-6)
-    # a half-resolution head is upsampled to the target before the loss
+    # heads of falling resolution get 2/3 and 1/3 (nnU-Net's halving), the half-resolution head upsampled
     low_res = torch.zeros(1, 1, 1, 1)
-    assert deep_supervision_loss(loss, [logits, low_res], target).item() == pytest.approx(0.4, abs=1e-6)
+    expected = (2 / 3) * loss(logits, target).item() + (1 / 3) * loss(torch.zeros_like(logits), target).item()
+    assert deep_supervision_loss(loss, [logits, low_res], target).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_unetpp_heads_get_equal_weight_in_training():
+    from mriseg.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("unetpp", 1, 1, spatial_dims=2, features=2).train()
+    image, target = torch.randn(2, 1, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
+    heads = model(image)
+    loss = build_loss("bce", "sigmoid")
+    expected = sum(loss(head, target) for head in heads) / len(heads)
+    torch.testing.assert_close(deep_supervision_loss(loss, heads, target), expected)
 
 
 def test_perfect_prediction_gives_near_zero_loss(sigmoid_case):

@@ -28,10 +28,16 @@ from mriseg.checkpoint import save_checkpoint
 from mriseg.data.preprocess import PreprocessParams
 from mriseg.errors import MrisegError
 from mriseg.models import build_model
-from mriseg.predict import (LoadedModel, PredictOptions, gaussian_importance_map, keep_largest_component,
-                            load_model, parse_shard, predict, predict_path, probabilities_to_labels, resolve_model_path,
-                            regions_to_labels, slicewise_predict, sliding_window_predict, take_shard,
-                            window_starts, with_flips)
+from mriseg.inference import (LoadedModel, gaussian_importance_map, keep_largest_component, load_model,
+                              resolve_model_path, window_starts, with_flips)
+from mriseg.inference import slicewise as slicewise_predict
+from mriseg.inference import sliding_window as sliding_window_predict
+from mriseg.labels import Task, regions_to_labels
+from mriseg.predict import PredictOptions, parse_shard, predict, predict_path, take_shard
+
+
+def probabilities_to_labels(probabilities, task, threshold=0.5):
+    return Task.from_dict({**task, "threshold": threshold}).decode(probabilities)
 
 # LPS like the real BraTS cases (diag(-1, -1, 1), y offset 239), with anisotropic voxels.
 LPS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.2, 0, 239], [0, 0, 2.0, 0], [0, 0, 0, 1]])

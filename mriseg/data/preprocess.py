@@ -19,10 +19,12 @@ import numpy as np
 
 from mriseg.data.case import Case
 from mriseg.errors import MrisegError
+from mriseg.labels import remap_labels
 
 NORMALISATIONS = ("zscore", "minmax", "max", "percentile")
 DTYPES = ("float16", "float32")
 PERCENTILES = (0.5, 99.5)
+INTERPOLATIONS = ("nearest", "linear")
 
 
 @dataclass
@@ -226,16 +228,6 @@ def normalise(image: np.ndarray, method: str, background: np.ndarray) -> np.ndar
     return out
 
 
-def remap_labels(label: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
-    """Replace label values by a lookup table; values not in ``mapping`` are kept."""
-    if not mapping:
-        return label
-    table = np.arange(256, dtype=np.uint8)
-    for source, target in mapping.items():
-        table[source] = target
-    return table[label]
-
-
 # ----------------------------------------------------------------------------- one case
 
 
@@ -283,19 +275,73 @@ def preprocess_case(case: Case, params: PreprocessParams) -> tuple[np.ndarray, n
     return image, label, record
 
 
-def restore_to_source(array: np.ndarray, record: dict, fill: float | Sequence[float] = 0) -> np.ndarray:
+def inverse_taps(source_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How each source index is read back from a grid made by :func:`nearest_indices`.
+
+    Output index ``i`` holds source voxel ``s_i = i * n // m``. Source index ``j`` lies between
+    the samples ``s_lo <= j <= s_hi`` of two neighbouring outputs ``lo`` and ``hi = lo + 1``;
+    it is read as ``(1 - w) * out[lo] + w * out[hi]`` with ``w = (j - s_lo) / (s_hi - s_lo)``
+    (clamped past the last sample). Where several outputs sample one source voxel (upsampling)
+    the middle one is taken. Returns ``(lo, hi, w)``, each of length ``source_size``.
+    """
+    samples = nearest_indices(source_size, out_size)
+    source = np.arange(source_size)
+    first = np.searchsorted(samples, source, side="left")
+    last = np.searchsorted(samples, source, side="right") - 1
+    exact = (first < out_size) & (first <= last)
+    middle = (first + last) // 2
+    lo = np.clip(last, 0, out_size - 1)          # the last sample at or before j
+    hi = np.clip(lo + 1, 0, out_size - 1)
+    gap = samples[hi] - samples[lo]
+    weight = np.where(gap > 0, (source - samples[lo]) / np.maximum(gap, 1), 0.0)
+    lo = np.where(exact, middle, lo)
+    hi = np.where(exact, middle, hi)
+    weight = np.where(exact, 0.0, np.clip(weight, 0.0, 1.0))
+    return lo.astype(np.int64), hi.astype(np.int64), weight.astype(np.float32)
+
+
+def resize_back(array: np.ndarray, source_shape: Sequence[int], interpolation: str = "nearest") -> np.ndarray:
+    """Undo :func:`resize_nearest` on the last ``len(source_shape)`` axes.
+
+    ``nearest``: each source voxel takes the preprocessed voxel whose sample position is
+    nearest (exact for every voxel that was sampled: a mask resized forward and back is the
+    source mask wherever the forward resize kept a voxel). ``linear``: soft outputs are
+    interpolated between the two neighbouring samples (for probabilities, before thresholding).
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise MrisegError(f"unknown interpolation {interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}")
+    out = array
+    first_axis = array.ndim - len(source_shape)
+    for offset, size in enumerate(source_shape):
+        axis = first_axis + offset
+        if out.shape[axis] == size:
+            continue
+        lo, hi, weight = inverse_taps(int(size), out.shape[axis])
+        if interpolation == "nearest":
+            out = np.take(out, np.where(weight >= 0.5, hi, lo), axis=axis)
+            continue
+        shape = [1] * out.ndim
+        shape[axis] = int(size)
+        w = weight.reshape(shape)
+        low, high = np.take(out, lo, axis=axis), np.take(out, hi, axis=axis)
+        out = (low * (1 - w) + high * w).astype(array.dtype, copy=False)
+    return np.ascontiguousarray(out)
+
+
+def restore_to_source(array: np.ndarray, record: dict, fill: float | Sequence[float] = 0,
+                      interpolation: str = "nearest") -> np.ndarray:
     """Map an array on the preprocessed grid back onto the case's original grid.
 
     ``array`` is (*shape) or (C, *shape) where ``shape = record["shape"]`` (labels or
-    probabilities). The resize is undone with nearest neighbours (the same ``i * in // out``
-    rule), the crop by padding with ``fill`` (one value, or one per channel: e.g. 1 for the
-    background class of probabilities).
+    probabilities). The resize is undone by :func:`resize_back` (``nearest`` for labels,
+    ``linear`` for probabilities), the crop by padding with ``fill`` (one value, or one per
+    channel: e.g. 1 for the background class of probabilities).
     """
     shape = tuple(record["shape"])
     has_channels = array.ndim == len(shape) + 1
     if tuple(array.shape[-len(shape):]) != shape or array.ndim not in (len(shape), len(shape) + 1):
         raise MrisegError(f"array of shape {array.shape} is not on the preprocessed grid {shape}")
-    restored = resize_nearest(array, record["cropped_shape"])
+    restored = resize_back(array, record["cropped_shape"], interpolation)
     box = record.get("crop_box")
     if box is None:
         return restored

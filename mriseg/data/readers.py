@@ -29,6 +29,7 @@ import numpy as np
 
 from mriseg.data.case import Case
 from mriseg.errors import BadInputError, MrisegError
+from mriseg.labels import LABEL_NAMES, label_names_for, label_scheme
 
 LAYOUTS = ("lgg", "brats", "msd", "pairs")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -48,16 +49,6 @@ BRATS_NAMINGS = {
 }
 
 NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-
-LABEL_SCHEME_NAMES = {
-    "binary": {0: "background", 1: "tumour"},
-    "brats2013": {0: "background", 1: "necrosis", 2: "oedema", 3: "non-enhancing tumour",
-                  4: "enhancing tumour"},
-    "brats": {0: "background", 1: "necrotic and non-enhancing tumour core", 2: "oedema",
-              4: "enhancing tumour"},
-    "brats2023": {0: "background", 1: "necrotic tumour core", 2: "oedema", 3: "enhancing tumour"},
-}
-
 
 @dataclass(frozen=True)
 class CaseRef:
@@ -272,7 +263,7 @@ def _list_lgg(root: Path) -> list[CaseRef]:
             case_id=folder.name, layout="lgg",
             image_paths=tuple(slices[n] for n in numbers),
             label_paths=tuple(masks[n] for n in numbers) if masks else (),
-            modalities=tuple(LGG_MODALITIES), label_names=tuple(LABEL_SCHEME_NAMES["binary"].items()),
+            modalities=tuple(LGG_MODALITIES), label_names=tuple(LABEL_NAMES["binary"].items()),
         ))
     return refs
 
@@ -286,6 +277,10 @@ def _match_modalities(folder: Path, suffixes: dict[str, str], exact: bool) -> di
             suffix = suffix.lower()
             if stem == suffix or (not exact and stem.endswith(suffix)) or (
                     exact and (stem.endswith("_" + suffix) or stem.endswith("-" + suffix))):
+                if key in found:
+                    raise BadInputError(folder, f"{found[key].name} and {file.name} both match modality "
+                                                f"{key!r} ({suffix!r}); rename one or pass --modalities "
+                                                f"with a file name that matches one file")
                 found[key] = file
     return found
 
@@ -492,6 +487,7 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
             "qform_code": int(header["qform_code"]), "sform_code": int(header["sform_code"]),
             "qform": header.get_qform().tolist(), "sform": header.get_sform().tolist(),
             "zooms": [float(z) for z in header.get_zooms()],
+            "xyzt_units": int(header["xyzt_units"]),
         }
         affine = np.asarray(image.affine, dtype=np.float64)
     except BadInputError:
@@ -737,30 +733,21 @@ def read_case(ref_or_path: CaseRef | str | Path, layout: str | None = None,
     return _read_pair(ref)
 
 
-def label_scheme(values: set[int] | list[int], naming: str = "") -> str:
-    """Name the label convention that the values found fit, without guessing beyond them.
-
-    ``binary`` for {0, 1}; ``brats2013`` when 3 and 4 both occur; ``brats`` for values within
-    {0, 1, 2, 4} with a 4; ``brats2023`` for values within {0, 1, 2, 3} from 2023-named files;
-    ``multiclass`` otherwise.
-    """
-    found = set(values)
-    if found <= {0, 1}:
-        return "binary"
-    if {3, 4} <= found and found <= {0, 1, 2, 3, 4}:
-        return "brats2013"
-    if 4 in found and found <= {0, 1, 2, 4}:
-        return "brats"
-    if naming == "brats2023" and found <= {0, 1, 2, 3}:
-        return "brats2023"
-    return "multiclass"
+# Suffixes a mask file name may carry beyond its case id (``<id>_seg.nii.gz``).
+ID_SUFFIXES = ("_seg", "-seg", "_mask", "_label", "_labels")
 
 
-def label_names_for(values: list[int], scheme: str, known: dict[int, str] | None = None) -> dict[int, str]:
-    """Names for the label values: from dataset.json when given, else the scheme's, else ``class<v>``."""
-    table = known or LABEL_SCHEME_NAMES.get(scheme, {})
-    return {v: table.get(v, f"class{v}") for v in values}
+def case_id_from_name(name: str) -> str:
+    """``BraTS_001_seg.nii.gz`` -> ``BraTS_001``; ``case.png`` -> ``case``."""
+    for suffix in NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    for suffix in ID_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 __all__ = ["CaseRef", "LAYOUTS", "detect_layout", "list_cases", "read_case", "read_nifti", "read_image_2d",
-           "label_scheme", "label_names_for", "parse_modalities", "nifti_slice_axis"]
+           "label_scheme", "label_names_for", "parse_modalities", "nifti_slice_axis", "case_id_from_name"]

@@ -94,3 +94,5 @@ class UNet(StagedNetwork):
         name = "unet (original)" if original else "unet"
         super().__init__(name, spatial_dims, in_channels, stages,
                          valid_unet_size_rule if original else divisible_by(16))
+        # Valid convolutions: the output is 184 voxels smaller per axis (572 -> 388), centred.
+        self.output_margin = 184 if original else 0

@@ -1,0 +1,69 @@
+"""The one atomic writer: every file mriseg writes appears only once it is complete.
+
+A file is written under a hidden temporary name in its own folder (so the rename stays on one
+file system) and renamed over the final name when complete. A crash, a full disk or Ctrl-C
+leaves at most a hidden ``.NAME.partial-*`` file, never a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mriseg.errors import BadInputError
+
+
+def temporary_beside(path: Path) -> Path:
+    """A hidden, unique name in ``path``'s folder that keeps its extensions (writers look at them)."""
+    return path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}{''.join(path.suffixes)}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; rename it to ``path`` when the block ends without error.
+
+    Raises:
+        BadInputError: the folder is not writable or the disk is full (the temporary file is removed).
+    """
+    path = Path(path)
+    temporary = temporary_beside(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except OSError as error:
+        raise BadInputError(path, f"cannot write: {error.strerror or error}") from error
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (newlines as given)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, payload: Any, indent: int = 1) -> Path:
+    """Write ``payload`` as JSON to ``path`` atomically."""
+    return write_text_atomic(path, json.dumps(payload, indent=indent, default=str) + "\n")
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Create ``folder`` and prove a file can be written in it, before any long work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / ".write-test") as probe:
+            probe.write_bytes(b"")
+        (folder / ".write-test").unlink()
+    except OSError as error:
+        raise BadInputError(folder, f"output folder is not writable: {error.strerror or error}") from error

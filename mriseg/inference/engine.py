@@ -1,0 +1,132 @@
+"""The one inference engine: a network and a preprocessed image in, logits out; a case in, labels out.
+
+Training's validation, ``mriseg predict`` and ``mriseg evaluate --model`` all call these functions,
+so a checkpoint scores the same wherever it is scored:
+
+* :func:`predict_logits`: a preprocessed image ``(C, *S)`` -> logits ``(K, *S)``; 2D networks slice
+  by slice, 3D networks by Gaussian-weighted sliding windows of the training patch (the whole
+  volume when training saw whole volumes); optional flip TTA; autocast when asked.
+* :func:`predict_case`: a source :class:`~mriseg.data.case.Case` -> the checkpoint's preprocessing,
+  :func:`predict_logits`, probabilities resampled back to the source grid (linear by default, as
+  nnU-Net does) and decoded to labels there (:meth:`mriseg.labels.Task.decode`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from mriseg.data.case import Case
+from mriseg.data.preprocess import INTERPOLATIONS, PreprocessParams, preprocess_case, restore_to_source
+from mriseg.errors import MrisegError
+from mriseg.inference.windows import IMPORTANCE, Predictor, sliding_window, slicewise, with_flips
+from mriseg.labels import Task
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How to run a network over an image (CLI: ``predict``'s and ``evaluate --model``'s options)."""
+
+    patch_size: tuple[int, ...] | None = None   # 3D window; None: the whole image
+    overlap: float = 0.5
+    batch_size: int = 8
+    importance: str = "gaussian"
+    tta: bool = False
+    amp: bool = False
+    interpolation: str = "linear"                # back to the source grid: linear (soft) or nearest (labels)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.overlap < 1:
+            raise MrisegError(f"--overlap must be in [0, 1), got {self.overlap}")
+        if self.batch_size < 1:
+            raise MrisegError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.importance not in IMPORTANCE:
+            raise MrisegError(f"importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise MrisegError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                              f"got {self.interpolation!r}")
+        if self.patch_size is not None and (not self.patch_size or min(self.patch_size) < 1):
+            raise MrisegError(f"--patch-size must be positive numbers, got {self.patch_size}")
+
+
+def network_predictor(network: nn.Module, amp: bool = False) -> Predictor:
+    """A batch in, full-resolution logits out: no gradients, eval-mode outputs, optional autocast
+    (bfloat16 on CPU, float16 on CUDA)."""
+    device_type = next(network.parameters()).device.type
+    dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+
+    def predict_batch(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device_type, enabled=amp, dtype=dtype):
+            output = network(batch)
+        # Deep-supervision outputs in training mode are lists; the first head is full resolution.
+        return (output[0] if isinstance(output, (list, tuple)) else output).float()
+
+    return predict_batch
+
+
+def output_margin(network: nn.Module) -> int:
+    """How many voxels smaller than its input a network's output is per axis (valid convolutions)."""
+    return int(getattr(network, "output_margin", 0))
+
+
+def predict_logits(network: nn.Module, image: np.ndarray | torch.Tensor, spatial_dims: int,
+                   slice_axis: int | None, settings: InferenceSettings) -> torch.Tensor:
+    """Logits ``(K, *S)`` (float32, on the CPU) of a preprocessed image ``(C, *S)``."""
+    was_training = network.training
+    network.eval()
+    device = next(network.parameters()).device
+    predictor = network_predictor(network, settings.amp)
+    if settings.tta:
+        predictor = with_flips(predictor, spatial_dims)
+    tensor = torch.as_tensor(np.asarray(image, dtype=np.float32)).to(device)
+    axis_ok = getattr(getattr(network, "size_rule", None), "axis_ok", None)
+    margin = output_margin(network)
+    try:
+        if spatial_dims == 2:
+            logits = slicewise(predictor, tensor, slice_axis, settings.batch_size, axis_ok, margin)
+        else:
+            if tensor.ndim != 4:
+                raise MrisegError(f"the model is 3D but the input is {tensor.ndim - 1}D")
+            patch = tuple(settings.patch_size or (s + margin for s in tensor.shape[1:]))
+            logits = sliding_window(predictor, tensor, patch, settings.overlap, settings.batch_size,
+                                    settings.importance, margin)
+    finally:
+        network.train(was_training)
+    return logits.cpu()
+
+
+@dataclass
+class CasePrediction:
+    """One case predicted: labels and probabilities on the source grid, and the preprocessing record."""
+
+    labels: np.ndarray           # (*source spatial) uint8
+    probabilities: np.ndarray    # (K, *source spatial) float32
+    record: dict
+
+
+def background_fill(task: Task, channels: int) -> list[float]:
+    """Probabilities outside the crop, where the model saw nothing: background is certain there."""
+    return [1.0 if task.activation == "softmax" and channel == 0 else 0.0 for channel in range(channels)]
+
+
+def predict_case(case: Case, network: nn.Module, task: Task, params: PreprocessParams, spatial_dims: int,
+                 settings: InferenceSettings) -> CasePrediction:
+    """Preprocess as in training, predict, and decode on the source grid.
+
+    ``case`` must already hold the checkpoint's channels in its order. The crop box comes from
+    the image alone: labels beside the input never change what is predicted.
+    """
+    image, _, record = preprocess_case(replace(case, label=None), params)
+    logits = predict_logits(network, image, spatial_dims, case.slice_axis, settings)
+    probabilities = task.probabilities(logits[None])[0].numpy()
+    soft = restore_to_source(probabilities, record, fill=background_fill(task, probabilities.shape[0]),
+                             interpolation=settings.interpolation)
+    return CasePrediction(labels=task.decode(soft), probabilities=soft, record=record)
+
+
+__all__: Sequence[str] = ("InferenceSettings", "CasePrediction", "network_predictor", "predict_logits",
+                          "predict_case", "background_fill", "output_margin")

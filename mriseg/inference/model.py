@@ -1,0 +1,174 @@
+"""A checkpoint ready to predict: finding it, rebuilding its network, matching a case's channels.
+
+Shared by ``predict`` and ``evaluate --model`` (neither command imports the other).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage.measure import label as connected_components
+
+from mriseg.checkpoint import load_checkpoint, model_from_checkpoint
+from mriseg.data.case import Case
+from mriseg.data.preprocess import PreprocessParams
+from mriseg.devices import choose_device
+from mriseg.errors import BadInputError, MrisegError
+from mriseg.inference.engine import CasePrediction, InferenceSettings, predict_case
+from mriseg.labels import Task
+from mriseg.log import info
+
+DEFAULT_RUN = Path("runs") / "latest"
+# Different datasets name the same sequence differently (BraTS 2021 vs 2023, MSD, LGG).
+MODALITY_ALIASES = {"t1c": "t1ce", "t1gd": "t1ce", "t1-gd": "t1ce", "t1n": "t1", "t1w": "t1",
+                    "t2w": "t2", "t2f": "flair", "t2-flair": "flair"}
+GENERIC_CHANNEL_NAME = re.compile(r"^(channel\d+|image)$")
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint and its network, ready to predict."""
+
+    path: Path
+    checkpoint: dict
+    network: torch.nn.Module
+    device: torch.device
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.checkpoint["model"]["spatial_dims"])
+
+    @cached_property
+    def params(self) -> PreprocessParams:
+        try:
+            return PreprocessParams.from_dict(self.checkpoint.get("preprocess") or {})
+        except (MrisegError, TypeError, ValueError) as error:
+            raise BadInputError(self.path, f"checkpoint preprocess record is malformed: {error}") from None
+
+    @cached_property
+    def task(self) -> Task:
+        try:
+            return Task.from_dict(self.checkpoint["task"], label_map=self.params.label_map)
+        except MrisegError as error:
+            raise BadInputError(self.path, f"checkpoint {error}") from None
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.checkpoint.get("modalities") or [])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.checkpoint["model"]["in_channels"])
+
+    @property
+    def patch_size(self) -> tuple[int, ...] | None:
+        """The 3D training patch (None: training saw whole volumes, so inference does too)."""
+        patch = self.checkpoint.get("patch_size")
+        return tuple(int(p) for p in patch) if patch else None
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """Names of the label values written (for overlay legends), background left out."""
+        task = self.task
+        if task.kind == "multiclass":
+            names = dict(zip(task.labels, task.channel_names))
+        else:
+            names = (self.checkpoint.get("label_info") or {}).get("names") or {}
+        return {int(value): str(name) for value, name in names.items() if int(value) != 0}
+
+    def predict(self, case: Case, settings: InferenceSettings, threshold: float | None = None) -> CasePrediction:
+        """The case's channels matched to the checkpoint's, then :func:`~mriseg.inference.predict_case`
+        (with the training patch unless ``settings`` names one, and ``threshold`` if given)."""
+        selected = select_modalities(case, self.modalities, self.in_channels)
+        if settings.patch_size is None and self.patch_size is not None:
+            settings = replace(settings, patch_size=self.patch_size)
+        task = self.task if threshold is None else replace(self.task, threshold=threshold)
+        return predict_case(selected, self.network, task, self.params, self.spatial_dims, settings)
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """The checkpoint to use: ``model`` (a .pt file or run folder), else ``$MRISEG_MODEL``,
+    else ``runs/latest``. Prints which default was taken."""
+    if model is None:
+        from_env = os.environ.get("MRISEG_MODEL")
+        if from_env:
+            info(f"model: {from_env} (from $MRISEG_MODEL)")
+            model = from_env
+        else:
+            if not DEFAULT_RUN.exists():
+                raise MrisegError(f"no model given, $MRISEG_MODEL is not set and {DEFAULT_RUN}/ does not exist: "
+                                  "train one with `mriseg train`, or run `mriseg demo` for a small one, "
+                                  "then pass --model RUN_DIR_OR_CHECKPOINT")
+            info(f"model: {DEFAULT_RUN} (default: the newest run)")
+            model = DEFAULT_RUN
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise BadInputError(path, "run folder has no best.pt (did training finish an epoch?)")
+        path = path / "best.pt"
+    return path
+
+
+def load_model(model: str | Path | None, device: str = "auto") -> LoadedModel:
+    """Find, read, check and rebuild the model (see :func:`resolve_model_path`)."""
+    path = resolve_model_path(model)
+    checkpoint = load_checkpoint(path)
+    target = choose_device(device)
+    network = model_from_checkpoint(checkpoint).to(target).eval()
+    loaded = LoadedModel(path=path, checkpoint=checkpoint, network=network, device=target)
+    if loaded.task.out_channels != int(checkpoint["model"]["out_channels"]):
+        raise BadInputError(path, f"checkpoint task has {loaded.task.out_channels} output channels, the model "
+                                  f"{checkpoint['model']['out_channels']}")
+    return loaded
+
+
+def canonical_modality(name: str) -> str:
+    name = name.strip().lower()
+    return MODALITY_ALIASES.get(name, name)
+
+
+def select_modalities(case: Case, expected: list[str], in_channels: int) -> Case:
+    """Reorder (and pick) the case's channels to the checkpoint's modality order.
+
+    Names are compared case-insensitively after mapping common aliases (t1c = t1ce, t2f = flair,
+    ...). A file without modality names (a plain NIfTI or image) is used as is when its channel
+    count fits.
+    """
+    source = case.source_paths[0] if case.source_paths else Path(case.case_id)
+    names = [canonical_modality(name) for name in case.modalities]
+    wanted = [canonical_modality(name) for name in expected]
+    if wanted and all(name in names for name in wanted):
+        image = case.image[[names.index(name) for name in wanted]]
+    elif case.image.shape[0] == in_channels and (not wanted or all(GENERIC_CHANNEL_NAME.match(n) for n in names)):
+        image = case.image
+    else:
+        missing = [name for name in wanted if name not in names]
+        needed = f"modalities {', '.join(expected)}" if expected else f"{in_channels} channels"
+        raise BadInputError(source, f"the model needs {needed}; this input has {', '.join(case.modalities)}"
+                                    + (f" (missing {', '.join(missing)})" if missing else ""))
+    return replace(case, image=image, modalities=list(expected) or list(case.modalities))
+
+
+def keep_largest_component(labels: np.ndarray) -> np.ndarray:
+    """Keep only the largest face-connected blob of tumour (all labels together).
+
+    The reference program cleans each predicted volume this way: a brain tumour is one lesion,
+    so small detached blobs are taken as false positives.
+    """
+    components, count = connected_components(labels > 0, connectivity=1, return_num=True)
+    if count <= 1:
+        return labels
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return np.where(components == np.argmax(sizes), labels, 0).astype(labels.dtype)
+
+
+def tumour_volume_ml(labels: np.ndarray, spacing) -> float:
+    """Volume of all non-zero voxels in millilitres (voxel sizes in mm)."""
+    return float(np.count_nonzero(labels) * np.prod(spacing) / 1000.0)
