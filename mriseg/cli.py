@@ -352,6 +352,9 @@ def predict(
                              rich_help_panel="Inference"),
     amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU).",
                              rich_help_panel="Inference"),
+    interpolation: str = typer.Option("linear", "--interpolation",
+                                      help="Back to the source grid: linear (probabilities, then decoded there) "
+                                           "or nearest (labels).", rich_help_panel="Inference"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps.", rich_help_panel="Inference"),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Binary and region tasks: probability cut-off.",
                                     rich_help_panel="Post-processing"),
@@ -396,7 +399,8 @@ def predict(
         patch_size=_parse_patch_size(patch_size), tta=tta, amp=amp, device=device, threshold=threshold,
         largest_component=largest_component, probabilities=probabilities, overlay=overlay,
         overlay_modality=overlay_modality, all_slices=all_slices, labels=Path(labels) if labels is not None else None,
-        gif=gif, gif_fps=fps, modalities=modalities, overwrite=overwrite)
+        gif=gif, gif_fps=fps, modalities=modalities, overwrite=overwrite, interpolation=interpolation)
+    options.inference()  # checks the inference options before the model is loaded
 
     def report(result: predict_module.CaseResult) -> None:
         if json_output:
@@ -451,7 +455,8 @@ def evaluate_command(
                                 rich_help_panel="Scoring"),
     empty: str = typer.Option("score", "--empty",
                               help="Empty-mask policy. score: both empty -> Dice 1, distances 0; one empty -> "
-                                   "Dice 0, distances undefined. ignore: also leave out cases whose truth is empty.",
+                                   "Dice 0, distances the image diagonal (BraTS: 373.13 mm). ignore: also leave "
+                                   "out cases whose truth is empty.",
                               rich_help_panel="Scoring"),
     strict: bool = typer.Option(False, "--strict", help="Case ids present on one side only are an error.",
                                 rich_help_panel="Scoring"),
@@ -468,6 +473,9 @@ def evaluate_command(
     largest_component: bool = typer.Option(False, "--largest-component",
                                            help="With --model: keep only the largest tumour blob.",
                                            rich_help_panel="With --model"),
+    interpolation: str = typer.Option("linear", "--interpolation",
+                                      help="With --model: back to the source grid, linear or nearest.",
+                                      rich_help_panel="With --model"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --out.",
                                    rich_help_panel="Output"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout.",
@@ -481,7 +489,7 @@ def evaluate_command(
             raise typer.BadParameter("with --model give one labelled DATA folder", param_hint="PRED GT | DATA")
         result = evaluate_model(model, paths[0], out, regions=regions, empty=empty, overwrite=overwrite,
                                 modalities=modalities, device=device, batch_size=batch_size, tta=tta,
-                                largest_component=largest_component)
+                                largest_component=largest_component, interpolation=interpolation)
     else:
         if len(paths) != 2:
             raise typer.BadParameter("give PRED and GT, or --model RUN_DIR DATA", param_hint="PRED GT | DATA")

@@ -242,7 +242,7 @@ class Task:
                        threshold=float(data.get("threshold", 0.5)),
                        ignore_label=None if ignore is None else int(ignore),
                        label_map=dict(label_map if label_map is not None else stored_map))
-        except (KeyError, TypeError, ValueError) as error:
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise MrisegError(f"task record is malformed ({type(error).__name__}: {error})") from None
         if "out_channels" in data and int(data["out_channels"]) != task.out_channels:
             raise MrisegError(f"task record says {data['out_channels']} output channels, its {kind} "

@@ -147,23 +147,13 @@ def test_evaluate_on_a_full_disk(disk, masks, small_disk, tmp_path, monkeypatch,
         out = full / "evaluation"
     else:
         out = tmp_path / "evaluation"
-        real_fdopen = os.fdopen
+        real_write_bytes = Path.write_bytes
 
-        class FullDisk:
-            def __init__(self, handle, *args, **kwargs):
-                self.stream = real_fdopen(handle, *args, **kwargs)
+        def full_disk(path, data):  # half the bytes land, then the disk is full
+            real_write_bytes(path, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.stream.close()
-
-            def write(self, text):
-                self.stream.write(text[: len(text) // 2])
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        monkeypatch.setattr(os, "fdopen", FullDisk)
+        monkeypatch.setattr(Path, "write_bytes", full_disk)
     args = ["evaluate", str(masks), str(masks), "--out", str(out), "--regions", "brats"]
     if disk == "tmpfs":
         result = run_cli(args, cwd=tmp_path, home=tmp_path / "home")
