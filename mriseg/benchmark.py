@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mriseg.files import atomic_path
 from mriseg.errors import MrisegError
 from mriseg.log import info
 
@@ -521,9 +522,8 @@ def _worker(rank: int, job: _Job) -> None:
         (Path(job.folder) / f"rank{rank}.error").write_text(str(error))
         raise
     else:
-        tmp = Path(job.folder) / f"rank{rank}.pt.tmp"
-        torch.save(result, tmp)
-        os.replace(tmp, Path(job.folder) / f"rank{rank}.pt")
+        with atomic_path(Path(job.folder) / f"rank{rank}.pt") as temporary:
+            torch.save(result, temporary)
     finally:
         dist.destroy_process_group()
 

@@ -12,7 +12,6 @@ somewhere else can never execute code. Its keys (see docs/architecture.md):
 
 from __future__ import annotations
 
-import os
 import pickle
 import warnings
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from mriseg import __version__
+from mriseg.files import atomic_path
 from mriseg.errors import BadInputError, MrisegError
 
 CHECKPOINT_FORMAT = "mriseg-checkpoint"
@@ -41,12 +41,10 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     document = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
                 "mriseg_version": __version__, **payload}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(document, temporary)
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:  # torch reports a missing folder as RuntimeError
-        temporary.unlink(missing_ok=True)
+        with atomic_path(path) as temporary:
+            torch.save(document, temporary)
+    except RuntimeError as error:  # torch reports a missing folder or a full disk as RuntimeError
         raise BadInputError(path, f"cannot write checkpoint: {_first_line(error)}") from error
     return path
 

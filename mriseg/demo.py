@@ -130,7 +130,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, layout: str = "lgg", overwrite: bool
     Raises:
         MrisegError: unknown layout, or ``out`` holds an earlier demo and ``overwrite`` is False.
     """
-    from mriseg.data.cache import build_cache, write_json_atomic
+    from mriseg.data.cache import build_cache
+    from mriseg.files import write_json_atomic
     from mriseg.data.preprocess import PreprocessParams
     from mriseg.evaluate import evaluate
     from mriseg.predict import PredictOptions, predict

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,3 +68,15 @@ def check_writable_folder(folder: Path) -> None:
         (folder / ".write-test").unlink()
     except OSError as error:
         raise BadInputError(folder, f"output folder is not writable: {error.strerror or error}") from error
+
+
+def replace_folder(temporary: Path, final: Path) -> None:
+    """Move a finished folder into place; an old version is moved aside first, then deleted, so a
+    reader sees the old folder or the new one, never a mixture."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.{uuid.uuid4().hex}.old")
+        os.replace(final, old)
+    os.replace(temporary, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

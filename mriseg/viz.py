@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mriseg.files import atomic_path, write_bytes_atomic
+
 # --- overlays and GIFs (predict) ---------------------------------------------
 
 PREDICTION_COLOUR = (255, 0, 0)
@@ -168,12 +170,7 @@ def save_gif(frames: Sequence[np.ndarray], path: Path, frames_per_second: float 
 def _save_atomically(path: Path, write) -> None:
     buffer = io.BytesIO()
     write(buffer)
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        temporary.write_bytes(buffer.getvalue())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_bytes_atomic(path, buffer.getvalue())
 
 # --- evaluation plots (evaluate) ---------------------------------------------
 
@@ -223,16 +220,8 @@ def plot_dice_bars(dice_by_region: dict[str, dict[str, float]], path: Path) -> d
         axes.set_title(f"{region}: mean {bars.mean:.3f} (red), median {bars.median:.3f} (green)",
                        fontsize="medium")
         drawn[region] = bars
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as temporary:  # a full disk names the picture, not a bare errno
         figure.savefig(temporary, format="png", dpi=100)
-        os.replace(temporary, path)
-    except OSError as error:  # a full disk: name the picture, not a bare errno
-        from mriseg.errors import BadInputError
-
-        raise BadInputError(path, f"cannot write ({error.strerror or error})") from error
-    finally:
-        temporary.unlink(missing_ok=True)
     return drawn
 
 
@@ -271,10 +260,9 @@ def plot_training_curves(records: list[dict], path: str | Path) -> Path:
             axis.legend(loc="best", fontsize=8)
     figure.tight_layout()
     path = Path(path)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=100)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
     plt.close(figure)
-    os.replace(temporary, path)
     return path
 
 # --- benchmark timeline (benchmark) ------------------------------------------
@@ -326,8 +314,7 @@ def draw_benchmark_timeline(report: dict, path: str | os.PathLike) -> Path:
                     f"{','.join(report['devices'])}: one training step", fontsize=10)
     figure.tight_layout()
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=120)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
     plt.close(figure)
-    os.replace(temporary, path)
     return path

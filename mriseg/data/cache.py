@@ -15,7 +15,6 @@ was made from source files of the same size and mtime with the same parameters.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,6 +27,7 @@ import numpy as np
 from mriseg import __version__, log
 from mriseg.data.preprocess import PreprocessParams, preprocess_case
 from mriseg.data.readers import CaseRef, label_names_for, label_scheme, list_cases, read_case
+from mriseg.files import replace_folder, write_json_atomic
 from mriseg.errors import BadInputError, MrisegError
 
 FORMAT = "mriseg-cache"
@@ -47,32 +47,6 @@ def source_signature(ref: CaseRef) -> list[dict[str, Any]]:
     return files
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON under a temporary name in the same folder, then rename over ``path``.
-
-    Raises:
-        MrisegError: the folder is not writable or the disk is full (the temporary file is removed).
-    """
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        temporary.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise MrisegError(f"{path}: cannot write ({error.strerror})") from error
-
-
-def _replace_folder(temporary: Path, final: Path) -> None:
-    """Move a finished case folder into place; an old version is moved aside first, then deleted."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.{uuid.uuid4().hex}.old")
-        os.replace(final, old)
-    os.replace(temporary, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def process_one(ref: CaseRef, params_dict: dict, cases_dir: str, require_label: bool) -> dict:
     """Read, preprocess and write one case (runs in a worker process). Returns its record."""
     params = PreprocessParams.from_dict(params_dict)
@@ -90,7 +64,7 @@ def process_one(ref: CaseRef, params_dict: dict, cases_dir: str, require_label: 
         np.save(temporary / "image.npy", image)
         if label is not None:
             np.save(temporary / "label.npy", label)
-        _replace_folder(temporary, final)
+        replace_folder(temporary, final)
     except OSError as error:  # disk full, read-only or vanished folder: stop the run, not just this case
         shutil.rmtree(temporary, ignore_errors=True)
         # numpy reports a short write on a full disk as "N requested and M written", without an errno.

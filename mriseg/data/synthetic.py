@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from mriseg import log
+from mriseg.files import replace_folder
 from mriseg.errors import MrisegError
 
 # Tissue indices of the phantom.
@@ -243,9 +244,7 @@ def write_synthetic(out: str | Path, layout: str = "lgg", cases: int = 16, seed:
         temporary.mkdir()
         try:
             (_write_lgg_case if layout == "lgg" else _write_brats_case)(temporary, case_id, phantom)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temporary, final)
+            replace_folder(temporary, final)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
