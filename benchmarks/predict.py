@@ -23,7 +23,8 @@ import time
 import torch
 
 from mriseg.models import build_model
-from mriseg.predict import slicewise_predict, sliding_window_predict
+from mriseg.inference import slicewise as slicewise_predict
+from mriseg.inference import sliding_window as sliding_window_predict
 
 
 def timed(run) -> tuple[float, torch.Tensor]:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mriseg import options as checks
 from mriseg.files import atomic_path
 from mriseg.errors import MrisegError
 from mriseg.log import info
@@ -128,12 +129,19 @@ def parse_devices(gpus: str | None, devices: str | None) -> list[str]:
 
 def validate(config: BenchmarkConfig, model: nn.Module | None = None) -> None:
     """Raise MrisegError for a configuration that cannot run, before any process starts."""
-    if config.batch_size < 1:
-        raise MrisegError(f"--batch-size must be at least 1, got {config.batch_size}")
-    if config.spatial_dims not in (2, 3) or any(size < 1 for size in config.input_size):
-        raise MrisegError(f"--input-size must be 2 or 3 positive sizes (H,W or H,W,D), got {config.input_size}")
-    if config.steps < 1 or config.warmup < 0:
-        raise MrisegError(f"--steps must be >= 1 and --warmup >= 0, got {config.steps} and {config.warmup}")
+    checks.number("batch_size", config.batch_size, integer=True, low=1, high=65_536)
+    checks.sizes("input_size", config.input_size, count=(2, 3), largest=4096)
+    checks.number("steps", config.steps, integer=True, low=1, high=100_000)
+    checks.number("warmup", config.warmup, integer=True, low=0, high=100_000)
+    checks.number("in_channels", config.in_channels, integer=True, low=1, high=4096, optional=True)
+    checks.number("out_channels", config.out_channels, integer=True, low=1, high=4096)
+    checks.number("features", config.features, integer=True, low=1, high=1024, optional=True)
+    checks.number("seed", config.seed, integer=True, low=0, high=2**32 - 1)
+    if not config.micro_batches or not config.splits or not config.schedules:
+        raise MrisegError("--micro-batches, --split and --schedule each need at least one value")
+    checks.require_memory(f"a batch of {config.batch_size} x {config.channels} x "
+                          f"{'x'.join(map(str, config.input_size))}",
+                          4.0 * config.batch_size * config.channels * float(math.prod(config.input_size)))
     too_many = [m for m in config.micro_batches if m > config.batch_size]
     if too_many:
         raise MrisegError(f"--micro-batches {','.join(map(str, too_many))} is more than the batch of "

@@ -19,6 +19,8 @@ import typer
 
 from mriseg import __version__
 from mriseg.errors import MrisegError
+from mriseg.files import check_writable_folder
+from mriseg.options import parse_numbers
 from mriseg.log import console
 
 app = typer.Typer(
@@ -173,16 +175,6 @@ def models_command(
 # --- train -------------------------------------------------------------------
 
 
-def _numbers(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
-    """``"128,128,64"`` (or ``128x128x64``) -> a tuple of ints."""
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        raise MrisegError(f"{option} takes numbers separated by commas, got {text!r}") from None
-
-
 def _model_options(text: Optional[str]) -> dict[str, Any]:
     """``--model-options '{"features": 16}'`` or ``features=16,variant=buda``."""
     if not text:
@@ -313,13 +305,13 @@ def train_command(
         "model_options": _model_options(model_options), "spatial_dims": dims, "task": task,
         "ignore_index": ignore_index, "loss": loss, "bce_weight": bce_weight, "augment": augment, "epochs": epochs,
         "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
-        "patch_size": _numbers(patch_size, "--patch-size"), "uniform_share": uniform_share,
+        "patch_size": parse_numbers(patch_size, "--patch-size"), "uniform_share": uniform_share,
         "foreground_share": foreground_share, "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay,
         "momentum": momentum, "nesterov": nesterov, "schedule": schedule, "warmup_epochs": warmup_epochs,
         "lr_patience": lr_patience, "lr_factor": lr_factor, "clip_grad": clip_grad, "patience": patience,
         "val_fraction": val_fraction, "split": split, "folds": folds, "fold": fold, "device": device, "amp": amp,
         "channels_last": channels_last, "compile": compile_model, "workers": workers, "seed": seed,
-        "log_every": log_every, "size": _numbers(size, "--size"), "modalities": modalities,
+        "log_every": log_every, "size": parse_numbers(size, "--size", count=(2, 3)), "modalities": modalities,
     }
     given = {key: value for key, value in settings.items() if value is not None and value != {}}
     summary = train(data, model=model, out=out, resume=resume, overwrite=overwrite, **given)
@@ -356,7 +348,8 @@ def predict(
                                       help="Back to the source grid: linear (probabilities, then decoded there) "
                                            "or nearest (labels).", rich_help_panel="Inference"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps.", rich_help_panel="Inference"),
-    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Binary and region tasks: probability cut-off.",
+    threshold: Optional[float] = typer.Option(None, help="Binary and region tasks: probability cut-off in (0, 1) "
+                                              "(default: the checkpoint's, 0.5).",
                                     rich_help_panel="Post-processing"),
     largest_component: bool = typer.Option(False, "--largest-component",
                                            help="Keep only the largest connected tumour blob.",
@@ -396,11 +389,12 @@ def predict(
 
     options = predict_module.PredictOptions(
         out=Path(out) if out is not None else predict_module.DEFAULT_OUT, overlap=overlap, batch_size=batch_size,
-        patch_size=_parse_patch_size(patch_size), tta=tta, amp=amp, device=device, threshold=threshold,
+        patch_size=parse_numbers(patch_size, "--patch-size", count=3), tta=tta, amp=amp, device=device,
+        threshold=threshold,
         largest_component=largest_component, probabilities=probabilities, overlay=overlay,
         overlay_modality=overlay_modality, all_slices=all_slices, labels=Path(labels) if labels is not None else None,
         gif=gif, gif_fps=fps, modalities=modalities, overwrite=overwrite, interpolation=interpolation)
-    options.inference()  # checks the inference options before the model is loaded
+    options.check()  # every option's range, before the model is loaded
 
     def report(result: predict_module.CaseResult) -> None:
         if json_output:
@@ -423,16 +417,6 @@ def predict(
         info("nothing to do: this shard holds no inputs")
 
 
-def _parse_patch_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
-    if text is None:
-        return None
-    try:
-        size = tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        raise MrisegError(f"--patch-size must be numbers like 128,128,128, got {text!r}") from None
-    if len(size) != 3 or min(size) < 1:
-        raise MrisegError(f"--patch-size needs three positive numbers (D,H,W), got {text!r}")
-    return size
 
 # --- evaluate ----------------------------------------------------------------
 
@@ -506,10 +490,10 @@ def evaluate_command(
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(item) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise MrisegError(f"{option} takes comma-separated whole numbers, got {text!r}") from None
+    values = parse_numbers(text, option)
+    if values is None:
+        raise MrisegError(f"{option} needs at least one whole number, got {text!r}")
+    return values
 
 
 @app.command(epilog=examples(
@@ -552,8 +536,12 @@ def benchmark(
     from mriseg.benchmark import BenchmarkConfig, parse_devices, report_tables, run_benchmark
     from mriseg.viz import draw_benchmark_timeline
 
-    if timeline is not None and timeline.exists() and not overwrite:
-        raise MrisegError(f"{timeline}: already exists; pass --overwrite to replace it")
+    if timeline is not None:
+        if timeline.exists() and not overwrite:
+            raise MrisegError(f"{timeline}: already exists; pass --overwrite to replace it")
+        if timeline.suffix.lower() != ".png":
+            raise MrisegError(f"{timeline}: --timeline writes a PNG picture; give a name ending in .png")
+        check_writable_folder(timeline.parent)  # before minutes of measuring, not after
     config = BenchmarkConfig(
         model=model, devices=parse_devices(gpus, devices), batch_size=batch_size,
         input_size=_int_list(input_size, "--input-size"), in_channels=in_channels, out_channels=out_channels,

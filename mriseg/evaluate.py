@@ -27,7 +27,7 @@ import numpy as np
 
 from mriseg.data.readers import case_id_from_name
 from mriseg.errors import BadInputError, MrisegError
-from mriseg.files import write_text_atomic
+from mriseg.files import refuse_output_over_inputs, write_text_atomic
 from mriseg.labels import REGION_SCHEMES, Region, Task
 from mriseg.metrics import dice_from_counts, iou_from_counts, missing_distance
 from mriseg.log import info, progress, warn
@@ -234,24 +234,15 @@ def _as_labels(data: np.ndarray, path: Path) -> np.ndarray:
 
 
 def read_nifti_mask(path: Path, case_id: str | None = None) -> MaskVolume:
-    import nibabel as nib
+    """A NIfTI mask through the readers' one NIfTI reader (readable, voxel sizes and affine checked)."""
+    from mriseg.data.readers import read_nifti
 
-    try:
-        image = nib.load(str(path))
-        data = np.asanyarray(image.dataobj)
-    except Exception as error:  # nibabel raises many kinds (ImageFileError, EOFError, zlib errors)
-        raise BadInputError(path, f"cannot read NIfTI mask ({error.__class__.__name__}: {error})") from error
+    data, affine, geometry = read_nifti(path)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim not in (2, 3):
         raise BadInputError(path, f"mask must be 2D or 3D, got shape {data.shape}")
-    zooms = tuple(float(z) for z in image.header.get_zooms()[: data.ndim])
-    affine = np.asarray(image.affine, dtype=np.float64)
-    if not all(np.isfinite(z) and z > 0 for z in zooms):
-        raise BadInputError(path, f"voxel sizes {zooms} must be finite and positive (distances and volumes "
-                                  "would be meaningless)")
-    if not np.isfinite(affine).all():
-        raise BadInputError(path, "the affine holds NaN or infinite values")
+    zooms = tuple(abs(float(z)) for z in geometry["zooms"][: data.ndim])
     return MaskVolume(case_id or case_id_from_name(path.name), _as_labels(data, path), zooms, affine, path)
 
 
@@ -376,6 +367,15 @@ def score_case(pred: MaskVolume, truth: MaskVolume, scheme: str | tuple[Region, 
     return [RegionRow(truth.case_id, region.name,
                       score_masks(region.mask(pred.labels), region.mask(truth.labels), spacing, empty))
             for region in regions_for_case(scheme, pred, truth)]
+
+
+def labels_outside(regions: Sequence[Region], pred: MaskVolume, truth: MaskVolume) -> list[int]:
+    """Non-zero label values of either side that no region scores (they count as background)."""
+    if any(region.labels is None for region in regions):
+        return []
+    covered = {value for region in regions for value in region.labels or ()}
+    present = set(np.union1d(pred.values, truth.values).tolist())
+    return sorted(int(v) for v in present - covered - {0})
 
 
 # --- summary -------------------------------------------------------------------------
@@ -559,10 +559,16 @@ def score_and_report(pairs: Iterable[tuple[MaskVolume, MaskVolume]], total: int,
 
     rows: list[RegionRow] = []
     assumed_spacing: list[str] = []
+    unscored: dict[int, list[str]] = {}
     for pred, truth in progress(pairs, total=total, description="scoring"):
         if not truth.spacing_known and not pred.spacing_known:
             assumed_spacing.append(truth.case_id)
         rows.extend(score_case(pred, truth, scheme, empty))
+        for value in labels_outside(regions_for_case(scheme, pred, truth), pred, truth):
+            unscored.setdefault(value, []).append(truth.case_id)
+    for value, cases in sorted(unscored.items()):
+        warn(f"label {value} is in no scored region ({len(cases)} case(s), e.g. {cases[0]}): it counts as "
+             "background; pass --regions to score it")
     if assumed_spacing:
         warn(f"no voxel spacing in the TIF/PNG masks of {len(assumed_spacing)} case(s); 1 mm per axis "
              "assumed, so HD95/ASSD are in voxels and volumes in 1 mm^3 units")
@@ -599,6 +605,7 @@ def evaluate(pred: Path, truth: Path, out: Path, regions: str = "auto", empty: s
     scheme = parse_regions(regions)
     pred_cases = find_mask_cases(pred)
     truth_source = open_truth(truth, modalities)
+    refuse_output_over_inputs(out, [pred, truth], nested=False)
     matched, pred_only, truth_only = match_case_ids(pred_cases, truth_source.case_ids, strict)
     if scheme == "auto":
         scheme = truth_source.default_scheme
@@ -647,8 +654,11 @@ def results_table(result: EvaluationResult) -> Any:
 # --- predicting in memory (--model) ------------------------------------------------------
 
 def scheme_from_task(task: Task) -> tuple[Region, ...] | None:
-    """The regions a model was trained on (a ``regions`` task), if any."""
-    return task.regions if task.kind == "regions" else None
+    """The regions a model's outputs mean: a ``regions`` task's regions, or any task's own regions
+    when its labels were remapped (the dataset's scheme no longer describes them); else None."""
+    if task.kind == "regions":
+        return task.regions
+    return task.scored_regions() if task.label_map else None
 
 
 def evaluate_model(model: Path, data: Path, out: Path, regions: str = "auto", empty: str = "score",
@@ -671,6 +681,7 @@ def evaluate_model(model: Path, data: Path, out: Path, regions: str = "auto", em
         raise MrisegError(f"--empty {empty!r}: choose one of {', '.join(EMPTY_POLICIES)}")
     scheme = parse_regions(regions)
     settings = InferenceSettings(batch_size=batch_size, tta=tta, interpolation=interpolation)
+    refuse_output_over_inputs(out, [data], nested=False)
     loaded = load_model(model, device)
     refs = list_cases(data, modalities=modalities)
     labelled = [ref for ref in refs if ref.has_label]
@@ -693,6 +704,9 @@ def evaluate_model(model: Path, data: Path, out: Path, regions: str = "auto", em
             # NIfTI carries its voxel size; TIF/PNG slices do not (the reader assumes 1 mm).
             known = case.affine is not None
             truth = loaded.task.truth_labels(case.label)
+            if loaded.task.ignore_label is not None:  # ignored voxels count on neither side
+                ignored = truth == loaded.task.ignore_label
+                truth, labels = np.where(ignored, 0, truth), np.where(ignored, 0, labels)
             yield (MaskVolume(case.case_id, labels, case.spacing, case.affine, loaded.path, spacing_known=known),
                    MaskVolume(case.case_id, truth, case.spacing, case.affine, ref.label_paths[0],
                               spacing_known=known))

@@ -80,3 +80,31 @@ def replace_folder(temporary: Path, final: Path) -> None:
     os.replace(temporary, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def refuse_output_over_inputs(out: str | Path, inputs: list[str | Path], option: str = "--out",
+                              nested: bool = True) -> None:
+    """Refuse an output folder that is an input; with ``nested`` also one that holds an input or lies
+    inside an input folder (commands whose output names come from the inputs' names: predict,
+    preprocess, train). Outputs then never replace an input, whatever ``--overwrite`` says: it
+    replaces earlier outputs only.
+    """
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        source = Path(given).expanduser()
+        if not source.exists():
+            continue
+        source = source.resolve()
+        inside = _inside(source, target) or (source.is_dir() and _inside(target, source))
+        if target == source or (nested and inside):
+            relation = ("is" if target == source else "holds" if _inside(source, target) else "lies inside")
+            raise BadInputError(Path(out), f"{option} {relation} the input {given}; outputs must never land on "
+                                           "inputs: choose a folder outside the inputs")

@@ -143,7 +143,9 @@ class Task:
         if self.kind == "multiclass" and (len(self.labels) < 2 or self.labels[0] != 0):
             raise MrisegError(f"a multiclass task needs background 0 first and another class, got {self.labels}")
         if not 0.0 < self.threshold < 1.0:
-            raise MrisegError(f"task threshold must lie in (0, 1), got {self.threshold}")
+            raise MrisegError(f"--threshold must lie in (0, 1), got {self.threshold}")
+        if self.kind == "multiclass" and len(self.channel_names) != len(self.labels):
+            raise MrisegError(f"a multiclass task needs a name per label, got {self.channel_names} for {self.labels}")
 
     # --- what the channels are ---------------------------------------------------------
 
@@ -232,10 +234,14 @@ class Task:
             raise MrisegError(f"task record is a {type(data).__name__}, not a mapping")
         try:
             kind = str(data["kind"])
-            regions = tuple(Region(str(name), tuple(int(v) for v in values))
-                            for name, values in (data.get("regions") or {}).items())
-            labels = tuple(int(v) for v in data.get("labels") or ((0, 1) if kind == "binary" else ()))
+            stored = data.get("regions") or {}
             names = tuple(str(n) for n in data.get("channel_names") or ())
+            if isinstance(stored, (list, tuple)):  # a list of label lists, named by channel_names
+                stored = {(names[i] if i < len(names) else f"region{i}"): values for i, values in enumerate(stored)}
+            regions = tuple(Region(str(name), tuple(int(v) for v in values)) for name, values in stored.items())
+            labels = tuple(int(v) for v in data.get("labels") or ((0, 1) if kind == "binary" else ()))
+            if kind == "multiclass" and len(names) != len(labels):
+                names = tuple(f"class{v}" for v in labels)
             ignore = data.get("ignore_index")
             stored_map = {int(k): int(v) for k, v in (data.get("label_map") or {}).items()}
             task = cls(kind=kind, labels=labels, regions=regions, channel_names=names or ("tumour",),

@@ -31,8 +31,11 @@ from PIL import Image
 from mriseg import viz
 from mriseg.data.case import Case
 from mriseg.data.readers import case_id_from_name, list_cases, read_case
+from mriseg.devices import choose_device
 from mriseg.errors import BadInputError, MrisegError
-from mriseg.files import atomic_path, check_writable_folder, write_bytes_atomic
+from mriseg import options as checks
+from mriseg.data.preprocess import INTERPOLATIONS
+from mriseg.files import atomic_path, check_writable_folder, refuse_output_over_inputs, write_bytes_atomic
 from mriseg.inference import (InferenceSettings, LoadedModel, canonical_modality, keep_largest_component,
                               load_model, tumour_volume_ml)
 from mriseg.log import info, progress
@@ -121,7 +124,7 @@ class PredictOptions:
     tta: bool = False
     amp: bool = False
     device: str = "auto"
-    threshold: float = 0.5
+    threshold: float | None = None               # None: the checkpoint's
     largest_component: bool = False
     probabilities: bool = False
     overlay: bool = False
@@ -133,6 +136,17 @@ class PredictOptions:
     modalities: str | None = None
     overwrite: bool = False
     interpolation: str = "linear"
+
+    def check(self) -> None:
+        """Every option's range, before any model is loaded or any input read."""
+        checks.number("overlap", self.overlap, low=0.0, high=1.0, high_open=True)
+        checks.number("batch_size", self.batch_size, integer=True, low=1, high=4096)
+        checks.number("threshold", self.threshold, low=0.0, high=1.0, low_open=True, high_open=True, optional=True)
+        checks.number("fps", self.gif_fps, low=0.1, high=100.0)
+        checks.sizes("patch_size", self.patch_size, count=3)
+        checks.choice("interpolation", self.interpolation, INTERPOLATIONS)
+        choose_device(self.device)
+        self.inference()
 
     def inference(self, patch_size: tuple[int, ...] | None = None) -> InferenceSettings:
         """The engine's settings (validated there)."""
@@ -203,9 +217,11 @@ def predict(inputs: Sequence[str], model: str | Path | None = None, options: Pre
             folder that cannot be written.
     """
     options = options or PredictOptions()
+    options.check()
     paths = expand_inputs(inputs, stdin)
     if not paths:
         raise MrisegError("no inputs given (pass files, folders, globs, or - to read paths from stdin)")
+    refuse_output_over_inputs(options.out, paths)
     if shard is not None:
         paths = take_shard(paths, *shard)
         info(f"shard {shard[0]}/{shard[1]}: {len(paths)} input(s)")
@@ -260,6 +276,10 @@ def predict_case(case: Case, loaded: LoadedModel, options: PredictOptions) -> Ca
     """Predict with the one engine (:meth:`LoadedModel.predict`), post-process and write."""
     truth = labels_for_overlay(case, options.labels) if options.overlay or options.gif else None
     planned = planned_outputs(case, options)
+    sources = {Path(p).resolve() for p in case.source_paths}
+    clash = [p for p in planned.values() if p.resolve() in sources]
+    if clash:
+        raise BadInputError(clash[0], "an output would replace this input file; choose another --out")
     existing = [str(p) for p in planned.values() if p.exists()]
     if existing and not options.overwrite:
         raise BadInputError(existing[0], "output exists (pass --overwrite to replace it)")
@@ -269,6 +289,7 @@ def predict_case(case: Case, loaded: LoadedModel, options: PredictOptions) -> Ca
         raise BadInputError(options.out, f"cannot create the output folder: {error.strerror or error}") from error
     prediction = predicted(case, loaded, options)
     labels = prediction.labels
+    truth = loaded.task.truth_labels(truth) if truth is not None else None  # as the model was trained
     outputs = write_outputs(case, labels, prediction.probabilities, loaded, planned, options)
     if options.overlay or options.gif:
         outputs.update(write_pictures(case, labels, truth, loaded, planned, options))

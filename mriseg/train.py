@@ -35,11 +35,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mriseg import __version__, log
+from mriseg import options as checks
 from mriseg.augment import augment_batch, parse_augment
 from mriseg.checkpoint import load_checkpoint, save_checkpoint
 from mriseg.devices import choose_device
 from mriseg.errors import BadInputError, MrisegError
-from mriseg.files import write_json_atomic
+from mriseg.files import refuse_output_over_inputs, write_json_atomic
 from mriseg.inference import InferenceSettings, predict_logits
 from mriseg.inference.windows import PAD_VALUE
 from mriseg.labels import IGNORED, Task, task_for_labels
@@ -49,6 +50,16 @@ from mriseg.metrics import dice
 TASKS = ("auto", "binary", "multiclass", "regions")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "step", "cosine", "poly", "constant")
+# Ranges of the numeric options (integer options: low, high; real ones: low, high, open below, open above).
+INTEGER_RANGES = (("epochs", 1, 100_000), ("batch_size", 1, 65_536), ("steps_per_epoch", 1, 10_000_000),
+                  ("lr_patience", 0, 100_000), ("patience", 0, 100_000), ("workers", 0, 256),
+                  ("seed", 0, 2**32 - 1), ("log_every", 1, 10_000_000), ("ignore_index", 0, 255),
+                  ("folds", 2, 1000), ("fold", 0, 999))
+REAL_RANGES = {"lr": (0.0, 10.0, True, False), "weight_decay": (0.0, 10.0, False, False),
+               "momentum": (0.0, 1.0, False, True), "warmup_epochs": (0.0, 100_000.0, False, False),
+               "lr_factor": (0.0, 1.0, True, False), "clip_grad": (0.0, None, True, False),
+               "bce_weight": (0.0, 1.0, False, False), "uniform_share": (0.0, 1.0, False, False),
+               "foreground_share": (0.0, 1.0, False, False), "val_fraction": (0.0, 1.0, True, True)}
 # Options a resumed run may change; everything else comes from the run's config.json.
 RESUME_OVERRIDABLE = ("epochs", "patience", "device", "workers", "amp", "compile", "log_every")
 
@@ -110,19 +121,24 @@ class TrainOptions:
                 raise MrisegError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.spatial_dims not in (2, 3):
             raise MrisegError(f"--dims must be 2 or 3, got {self.spatial_dims}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise MrisegError("--epochs and --batch-size must be at least 1")
-        if not 0 < self.val_fraction < 1:
-            raise MrisegError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.folds is not None and not (self.folds >= 2 and 0 <= self.fold < self.folds):
-            raise MrisegError(f"--folds must be >= 2 and --fold in 0..folds-1, got {self.folds} and {self.fold}")
-        if self.lr <= 0:
-            raise MrisegError(f"--lr must be positive, got {self.lr}")
-        if not (0 <= self.uniform_share <= 1 and 0 <= self.foreground_share <= 1):
-            raise MrisegError("--uniform-share and --foreground-share must lie in [0, 1]")
-        if self.patch_size is not None and len(self.patch_size) != self.spatial_dims:
-            raise MrisegError(f"--patch-size needs {self.spatial_dims} numbers for --dims {self.spatial_dims}, "
-                              f"got {self.patch_size}")
+        for name, low, high in INTEGER_RANGES:
+            checks.number(name, getattr(self, name), integer=True, low=low, high=high,
+                          optional=name in ("steps_per_epoch", "workers", "folds"))
+        for name, (low, high, low_open, high_open) in REAL_RANGES.items():
+            checks.number(name, getattr(self, name), low=low, high=high, low_open=low_open, high_open=high_open,
+                          optional=name == "clip_grad")
+        checks.sizes("patch_size", self.patch_size, count=self.spatial_dims, largest=4096)
+        checks.sizes("size", self.size, count=(2, 3), largest=4096)
+        if self.folds is not None and not 0 <= self.fold < self.folds:
+            raise MrisegError(f"--fold must lie in 0..{self.folds - 1} for --folds {self.folds}, got {self.fold}")
+        if self.folds is None and self.fold != 0:
+            raise MrisegError(f"--fold {self.fold} needs --folds K (K-fold cross-validation by patient)")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise MrisegError("--nesterov needs --optimizer sgd and --momentum above 0")
+        if not isinstance(self.model_options, dict):
+            raise MrisegError(f"--model-options must be key=value pairs or a JSON object, got {self.model_options!r}")
+        if "features" in self.model_options:
+            checks.number("features", self.model_options["features"], integer=True, low=1, high=1024)
         parse_augment(self.augment)
 
     def to_dict(self) -> dict[str, Any]:
@@ -476,6 +492,44 @@ def read_run_config(path: Path) -> dict[str, Any]:
     return saved
 
 
+# What last.pt holds beyond best.pt: the state --resume continues from.
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "step_in_epoch", "global_step", "epochs_without_gain")
+
+
+def resumed_options(run_dir: Path, settings: dict[str, Any], is_writer: bool) -> tuple[TrainOptions, Any, dict]:
+    """The options, data and checkpoint of a run to resume, each checked against the others."""
+    config_path = run_dir / "config.json"
+    saved = read_run_config(config_path)
+    ignored = sorted(k for k in settings if k not in RESUME_OVERRIDABLE and settings[k] != saved["options"].get(k))
+    if ignored and is_writer:
+        log.warn(f"--resume keeps the run's own settings; ignoring {', '.join(ignored)}")
+    merged = {**saved["options"], **{k: v for k, v in settings.items() if k in RESUME_OVERRIDABLE}}
+    known = {f.name for f in dataclasses.fields(TrainOptions)}
+    try:
+        options = TrainOptions(**{k: v for k, v in merged.items() if k in known})
+        options.patch_size = tuple(options.patch_size) if options.patch_size else None
+        options.size = tuple(options.size) if options.size else None
+        options.check()
+    except (MrisegError, TypeError, ValueError) as error:
+        raise BadInputError(config_path, f"options cannot be resumed: {error}") from None
+    data = saved.get("data")
+    if data is not None and not isinstance(data, str):
+        raise BadInputError(config_path, f"'data' is {data!r}, not a path")
+    last = run_dir / "last.pt"
+    checkpoint = load_checkpoint(last)
+    missing = [key for key in TRAINING_STATE if key not in checkpoint]
+    if missing:
+        raise BadInputError(last, f"holds no training state ({', '.join(missing)} missing): is it a copy of "
+                                  "best.pt? Resume needs the last.pt training wrote")
+    model = checkpoint["model"]
+    if model["name"] != options.model or (model.get("options") or {}) != options.model_options \
+            or model["spatial_dims"] != options.spatial_dims:
+        raise BadInputError(last, f"model {model['name']} {model.get('options') or {}} {model['spatial_dims']}D "
+                                  f"differs from config.json's {options.model} {options.model_options} "
+                                  f"{options.spatial_dims}D")
+    return options, data, checkpoint
+
+
 def saved_split(run_dir: Path, labelled: list[str]) -> tuple[list[str], list[str]]:
     """The train / validation split a resumed run was started with (config.json), never recomputed:
     cases added to the cache since then must not move from training into validation."""
@@ -628,6 +682,8 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
     unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainOptions)})
     if unknown:
         raise MrisegError(f"unknown training option(s): {', '.join(unknown)}")
+    if "fold" in settings and settings.get("folds") is None:
+        raise MrisegError(f"--fold {settings['fold']} needs --folds K (K-fold cross-validation by patient)")
 
     # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -640,16 +696,7 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
     run_dir = resolve_run_dir(out, model or "unet", resume, overwrite)
     checkpoint = None
     if resume:
-        saved = read_run_config(run_dir / "config.json")
-        ignored = sorted(k for k in settings if k not in RESUME_OVERRIDABLE and settings[k] != saved["options"].get(k))
-        if ignored and is_writer:
-            log.warn(f"--resume keeps the run's own settings; ignoring {', '.join(ignored)}")
-        merged = {**saved["options"], **{k: v for k, v in settings.items() if k in RESUME_OVERRIDABLE}}
-        options = TrainOptions(**{k: v for k, v in merged.items() if k in {f.name for f in dataclasses.fields(TrainOptions)}})
-        options.patch_size = tuple(options.patch_size) if options.patch_size else None
-        options.size = tuple(options.size) if options.size else None
-        data = saved["data"]
-        checkpoint = load_checkpoint(run_dir / "last.pt")
+        options, data, checkpoint = resumed_options(run_dir, settings, is_writer)
     else:
         options = TrainOptions(**settings)
         if model is not None:
@@ -657,6 +704,8 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
         if "spatial_dims" not in settings:
             options.spatial_dims = default_spatial_dims(options.model)
     options.check()
+    if data is not None and not resume:
+        refuse_output_over_inputs(run_dir, [data])
 
     device = choose_device(options.device, local_rank)
     if distributed:
@@ -718,7 +767,13 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
                             **options.model_options)
     if options.spatial_dims == 3 and options.patch_size is None:
         options.patch_size = default_patch_size(raw_model, spatial_shape)
+    window = options.patch_size or spatial_shape[-2:]
+    checks.require_memory(f"a batch of {options.batch_size} x {in_channels} x {'x'.join(map(str, window))}",
+                          4.0 * options.batch_size * in_channels * float(np.prod(window)))
     if checkpoint is not None:
+        if checkpoint["model"]["out_channels"] != task.out_channels:
+            raise BadInputError(run_dir / "last.pt", f"model has {checkpoint['model']['out_channels']} output "
+                                                     f"channels, the task from the cache {task.out_channels}")
         if checkpoint["model"]["in_channels"] != in_channels:
             raise BadInputError(run_dir / "last.pt", f"model has {checkpoint['model']['in_channels']} input channels, "
                                                      f"the data {in_channels}")
@@ -850,7 +905,7 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
-                except torch.OutOfMemoryError as error:
+                except (torch.OutOfMemoryError, MemoryError) as error:
                     raise MrisegError(f"{device} ran out of memory at batch size {options.batch_size}"
                                       f"{f', patch {options.patch_size}' if options.spatial_dims == 3 else ''}; "
                                       "try a smaller --batch-size or --patch-size (or --amp)") from error
@@ -902,7 +957,7 @@ def _train(data, run: RunFolder, options: TrainOptions, checkpoint: dict | None,
                      "train_loss": float(np.mean(train_losses)) if train_losses else None,
                      "val_loss": float(np.mean([record["loss"] for record in records])),
                      "val_dice_mean": mean_dice, "val_dice_median": median_dice,
-                     "val_dice_channels": dict(zip(task.channel_names, per_channel)),
+                     "val_dice_channels": dict(zip([region.name for region in task.scored_regions()], per_channel)),
                      "lr": schedule.at(global_step), "epoch_time": round(epoch_time, 3)}
             run.record(entry)
             if is_writer:

@@ -223,3 +223,68 @@ def test_task_round_trips_and_names_malformed_records():
     with pytest.raises(Exception, match="malformed|not one of"):
         Task.from_dict({"kind": "regions", "regions": "WT"})
     assert REGION_SCHEMES["brats"][0].labels == (1, 2, 3, 4)
+
+
+def test_flip_tta_runs_through_the_engine_on_a_real_network():
+    torch.manual_seed(0)
+    network = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+    image = np.random.default_rng(0).normal(size=(1, 8, 8, 8)).astype(np.float32)
+    plain = predict_logits(network, image, 3, 2, InferenceSettings())
+    flipped = predict_logits(network, image, 3, 2, InferenceSettings(tta=True))
+    assert flipped.shape == plain.shape and torch.isfinite(flipped).all()
+
+
+def test_predict_refuses_bad_options_before_loading_anything(tmp_path):
+    from mriseg.errors import MrisegError
+    from mriseg.predict import PredictOptions, predict
+
+    for bad in ({"threshold": 0.0}, {"threshold": 1.0}, {"overlap": 1.0}, {"batch_size": 0},
+                {"gif_fps": float("nan")}, {"patch_size": (0, 8, 8)}, {"interpolation": "cubic"}):
+        with pytest.raises(MrisegError):
+            predict(["missing.nii.gz"], model=tmp_path / "no-such.pt", options=PredictOptions(out=tmp_path / "o", **bad))
+
+
+def test_predict_never_writes_over_an_input_folder(tmp_path):
+    from mriseg.predict import PredictOptions, predict
+
+    patient = tmp_path / "TCGA_XX_0001_20000101"
+    patient.mkdir()
+    for n in (1, 2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(patient / f"{patient.name}_{n}.tif")
+        Image.fromarray(np.full((8, 8), 255, np.uint8)).save(patient / f"{patient.name}_{n}_mask.tif")
+    before = {p.name: p.read_bytes() for p in patient.iterdir()}
+    for out in (patient, tmp_path, patient / "predictions"):
+        with pytest.raises(BadInputError, match="outputs must never land on inputs"):
+            predict([str(patient)], model=tmp_path / "no-such.pt", options=PredictOptions(out=out, overwrite=True))
+    assert {p.name: p.read_bytes() for p in patient.iterdir()} == before
+
+
+def test_evaluate_model_ignores_the_ignore_label_and_scores_a_remapped_binary_task(tmp_path, monkeypatch):
+    import mriseg.inference as inference
+    from mriseg.evaluate import evaluate_model
+
+    label = brats2013_case(tmp_path / "data" / "p1")
+    binary = (label > 0).astype(np.uint8)
+    task = Task("binary", label_map={1: 1, 2: 1, 3: 1, 4: 1})
+    checkpoint = {"model": {"name": "oracle", "in_channels": 2, "out_channels": 1, "spatial_dims": 3},
+                  "preprocess": PreprocessParams(label_map={2: 1, 3: 1, 4: 1}).to_dict(),
+                  "modalities": ["flair", "t1ce"], "task": task.to_dict()}
+    loaded = LoadedModel(tmp_path / "m.pt", checkpoint, LabelOracle(binary, task), torch.device("cpu"))
+    monkeypatch.setattr(inference, "load_model", lambda model, device: loaded)
+    result = evaluate_model(tmp_path / "m.pt", tmp_path / "data", tmp_path / "out",
+                            modalities="flair=Flair_subtrMeanDivStd,t1ce=T1c_subtrMeanDivStd,seg=OTMultiClass")
+    assert {row.region: row.scores.dice for row in result.rows} == {"tumour": 1.0}
+
+
+def test_multiclass_validation_channels_are_named_after_their_classes():
+    from mriseg.train import TrainOptions, Volume, validate
+    from mriseg.losses import build_loss
+
+    task = task_for_labels({"values": [0, 1, 2], "scheme": "multiclass", "names": {"1": "a", "2": "b"}}, "multiclass")
+    assert [r.name for r in task.scored_regions()] == ["a", "b"]
+    network = build_model("unet", 1, 3, spatial_dims=2, features=2)
+    image = np.zeros((1, 1, 16, 16), np.float32)
+    label = np.zeros((1, 16, 16), np.uint8)
+    [record] = validate(network, [Volume("c", image, label, 0)], task, build_loss("ce", "softmax", -1),
+                        TrainOptions(spatial_dims=2), False)
+    assert len(record["channels"]) == 2

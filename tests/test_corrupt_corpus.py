@@ -14,10 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from corrupt.corpus import CORPUS, BadInput, Scenario, Workspace, make_templates
+from corrupt.corpus import CORPUS as ROUND_ONE
+from corrupt.corpus import BadInput, Scenario, Workspace, make_templates
+from corrupt.round_two import ROUND_TWO
 from corrupt.harness import (assert_one_line_error, describe_changes, permissions_can_be_enforced, run_cli, run_main,
                              snapshot)
 from mriseg.errors import BadInputError
+
+
+CORPUS = ROUND_ONE + ROUND_TWO
 
 
 @pytest.fixture(scope="module")

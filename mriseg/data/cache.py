@@ -27,7 +27,7 @@ import numpy as np
 from mriseg import __version__, log
 from mriseg.data.preprocess import PreprocessParams, preprocess_case
 from mriseg.data.readers import CaseRef, label_names_for, label_scheme, list_cases, read_case
-from mriseg.files import replace_folder, write_json_atomic
+from mriseg.files import refuse_output_over_inputs, replace_folder, write_json_atomic
 from mriseg.errors import BadInputError, MrisegError
 
 FORMAT = "mriseg-cache"
@@ -119,6 +119,7 @@ def build_cache(source: str | Path, out: str | Path, params: PreprocessParams, l
             something that is not a cache; BadInputError for the first bad case unless ``skip_bad``.
     """
     source, out = Path(source), Path(out)
+    refuse_output_over_inputs(out, [source], option="the cache folder")
     refs = list_cases(source, layout=layout, modalities=modalities)
     layout = refs[0].layout
     manifest_path = out / MANIFEST
@@ -259,7 +260,32 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BadInputError(manifest_path, f"cache format version {manifest.get('format_version')} is not "
                                            f"{FORMAT_VERSION}; re-run mriseg preprocess with --force")
+    _check_manifest_fields(manifest, manifest_path)
     return manifest
+
+
+# What every manifest written by build_cache holds, and the type of each field.
+MANIFEST_FIELDS = {"params": dict, "modalities": list, "label_info": dict, "cases": dict}
+RECORD_FIELDS = {"shape": list, "has_label": bool}
+
+
+def _check_manifest_fields(manifest: dict[str, Any], path: Path) -> None:
+    """Name the first missing or mistyped field of an edited or damaged manifest."""
+    for key, kind in MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise BadInputError(path, f"manifest field {key!r} is missing or not a {kind.__name__}; "
+                                      "re-run mriseg preprocess with --force")
+    try:
+        PreprocessParams.from_dict(manifest["params"])
+    except (MrisegError, TypeError, ValueError) as error:
+        raise BadInputError(path, f"manifest params are not valid preprocessing parameters ({error})") from None
+    for case_id, record in manifest["cases"].items():
+        for key, kind in RECORD_FIELDS.items():
+            if not isinstance(record, dict) or not isinstance(record.get(key), kind):
+                raise BadInputError(path, f"case {case_id!r}: record field {key!r} is missing or not a "
+                                          f"{kind.__name__}")
+        if not all(isinstance(n, int) and n > 0 for n in record["shape"]):
+            raise BadInputError(path, f"case {case_id!r}: shape {record['shape']} is not a list of sizes")
 
 
 @dataclass
@@ -299,11 +325,21 @@ class Cache:
         return self._load(case_id, "label.npy")
 
     def _load(self, case_id: str, name: str) -> np.ndarray:
+        """A cached array, checked against its manifest record (shape, channels, data type)."""
         path = self.path / "cases" / case_id / name
         try:
-            return np.load(path, mmap_mode="r")
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as error:
             raise BadInputError(path, f"cannot load cached array ({error})") from error
+        shape = tuple(self.record(case_id)["shape"])
+        if name == "image.npy":
+            expected, kinds = (len(self.modalities), *shape), ("float16", "float32")
+        else:
+            expected, kinds = shape, ("uint8",)
+        if tuple(array.shape) != expected or array.dtype.name not in kinds:
+            raise BadInputError(path, f"cached array is {array.dtype.name} {tuple(array.shape)}; the manifest says "
+                                      f"{' or '.join(kinds)} {expected}: re-run mriseg preprocess with --force")
+        return array
 
     def __len__(self) -> int:
         return len(self.manifest["cases"])

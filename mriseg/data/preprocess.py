@@ -20,6 +20,7 @@ import numpy as np
 from mriseg.data.case import Case
 from mriseg.errors import MrisegError
 from mriseg.labels import remap_labels
+from mriseg.options import parse_numbers, require_memory
 
 NORMALISATIONS = ("zscore", "minmax", "max", "percentile")
 DTYPES = ("float16", "float32")
@@ -50,8 +51,8 @@ class PreprocessParams:
     def __post_init__(self) -> None:
         if self.size is not None:
             self.size = tuple(int(s) for s in self.size)
-            if len(self.size) not in (2, 3) or min(self.size) < 1:
-                raise MrisegError(f"--size must be 2 (H,W) or 3 (D,H,W) positive numbers, got {self.size}")
+            if len(self.size) not in (2, 3) or min(self.size) < 1 or max(self.size) > 4096:
+                raise MrisegError(f"--size must be 2 (H,W) or 3 (D,H,W) numbers from 1 to 4096, got {self.size}")
         if self.norm not in NORMALISATIONS:
             raise MrisegError(f"--norm must be one of {', '.join(NORMALISATIONS)}, got '{self.norm}'")
         if self.dtype not in DTYPES:
@@ -77,12 +78,7 @@ class PreprocessParams:
 
 def parse_size(text: str | None) -> tuple[int, ...] | None:
     """``'128,128'`` -> ``(128, 128)``; also accepts ``x`` as separator."""
-    if text is None or text == "":
-        return None
-    try:
-        return tuple(int(part) for part in text.replace("x", ",").split(","))
-    except ValueError:
-        raise MrisegError(f"--size '{text}' is not a list of integers such as 128,128 or 128,128,128") from None
+    return parse_numbers(text, "--size", count=(2, 3))
 
 
 def parse_label_map(text: str | None) -> dict[int, int]:
@@ -249,6 +245,9 @@ def preprocess_case(case: Case, params: PreprocessParams) -> tuple[np.ndarray, n
         label = label[region] if label is not None else None
     cropped_shape = tuple(image.shape[1:])
     out_shape = target_shape(cropped_shape, params.size, case.slice_axis)
+    # the normalised copy, the resized image and its stored copy, before any is allocated
+    require_memory(f"{case.case_id}: preprocessing to {'x'.join(map(str, out_shape))}",
+                   4.0 * image.shape[0] * (np.prod(cropped_shape, dtype=np.float64) + 2 * np.prod(out_shape, dtype=np.float64)))
     # Normalise before resizing: statistics then describe the whole brain, not a subsample.
     image = normalise(image, params.norm, background)
     image = resize_nearest(image, out_shape).astype(params.dtype)

@@ -249,10 +249,15 @@ def _list_lgg(root: Path) -> list[CaseRef]:
         slices: dict[int, Path] = {}
         masks: dict[int, Path] = {}
         for file in _visible_files(folder):
-            if match := LGG_MASK.match(file.name):
-                masks[int(match["n"])] = file
-            elif match := LGG_SLICE.match(file.name):
-                slices[int(match["n"])] = file
+            match = LGG_MASK.match(file.name) or LGG_SLICE.match(file.name)
+            if not match:
+                continue
+            table = masks if file.name.endswith("_mask.tif") else slices
+            number = int(match["n"])
+            if number in table:  # _2.tif and _02.tif: one slice number, two files
+                raise BadInputError(file, f"slice number {number} is also given by {table[number].name}; "
+                                          "keep one file per slice")
+            table[number] = file
         if not slices:
             raise BadInputError(folder, "has masks but no slice images <patient>_<n>.tif")
         numbers = sorted(slices)  # integer order: 2 before 10
@@ -450,8 +455,18 @@ def _check_finite(array: np.ndarray, path: Path) -> None:
             raise BadInputError(path, f"contains {bad} NaN/Inf voxels")
 
 
+def _check_image_dtype(array: np.ndarray, path: Path) -> None:
+    """Refuse data types whose conversion to float32 would lose or invent information."""
+    if np.iscomplexobj(array):
+        raise BadInputError(path, f"complex-valued data ({array.dtype}); mriseg needs real intensities "
+                                  "(take the magnitude first)")
+    if array.dtype.kind not in "biuf":
+        raise BadInputError(path, f"unsupported data type {array.dtype} (expected numbers)")
+
+
 def _as_label(array: np.ndarray, path: Path) -> np.ndarray:
     """Check that a label array holds integers 0..255 and return it as uint8."""
+    _check_image_dtype(array, path)
     if np.issubdtype(array.dtype, np.floating):
         _check_finite(array, path)
         if not np.array_equal(array, np.round(array)):
@@ -490,6 +505,10 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
             "xyzt_units": int(header["xyzt_units"]),
         }
         affine = np.asarray(image.affine, dtype=np.float64)
+        stored = [header.get_sform()] if geometry["sform_code"] > 0 else []
+        stored += [header.get_qform()] if geometry["qform_code"] > 0 else []
+        if not np.isfinite(affine).all() or not all(np.isfinite(m).all() for m in stored):
+            raise BadInputError(path, "the affine (qform/sform) holds NaN or infinite values")
     except BadInputError:
         raise
     except Exception as error:  # nibabel, gzip, zlib and OS errors alike: the file is unusable
@@ -549,6 +568,7 @@ def read_image_2d(path: Path) -> np.ndarray:
 
 def _image_channels(array: np.ndarray, path: Path) -> np.ndarray:
     """(H, W) -> (1, H, W); (H, W, 3|4) -> (3, H, W), alpha dropped; float32."""
+    _check_image_dtype(array, path)
     if array.ndim == 2:
         array = array[None]
     else:
@@ -630,6 +650,9 @@ def _read_nifti_case(ref: CaseRef, channels_last_4d: bool) -> Case:
         else:
             allowed = "a 3D volume or a 4D channels-last volume" if channels_last_4d else "a 3D volume"
             raise BadInputError(path, f"expected {allowed}, got shape {array.shape}")
+        _check_image_dtype(array, path)
+        if array.dtype == bool:
+            raise BadInputError(path, "a boolean image (is this a mask given as a modality?)")
         for part in parts:
             if channels and part.shape != channels[0].shape:
                 raise BadInputError(path, f"shape {part.shape} differs from {channels[0].shape} of {reference.name}")

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from mriseg import log
+from mriseg import options as checks
 from mriseg.files import replace_folder
-from mriseg.errors import MrisegError
+from mriseg.errors import BadInputError, MrisegError
 
 # Tissue indices of the phantom.
 BACKGROUND, SCALP, SKULL, CSF, GREY, WHITE, OEDEMA, NECROSIS, ENHANCING = range(9)
@@ -221,16 +222,22 @@ def write_synthetic(out: str | Path, layout: str = "lgg", cases: int = 16, seed:
     """
     if layout not in DEFAULT_SIZES:
         raise MrisegError(f"--layout must be lgg or brats for synthetic data, got '{layout}'")
-    if cases < 1:
-        raise MrisegError("--cases must be at least 1")
+    checks.number("cases", cases, integer=True, low=1, high=100_000)
+    checks.number("seed", seed, integer=True, low=0, high=2**32 - 1)
     size = tuple(size) if size else DEFAULT_SIZES[layout]
     if layout == "lgg" and len(size) == 2:
         size = (DEFAULT_SIZES["lgg"][0], *size)
-    if len(size) != 3 or min(size) < 4:
-        raise MrisegError(f"--size {size} must be 3 numbers (lgg: SLICES,H,W or H,W; brats: X,Y,Z), each >= 4")
+    if len(size) != 3 or min(size) < 4 or max(size) > 2048:
+        raise MrisegError(f"--size {size} must be 3 numbers (lgg: SLICES,H,W or H,W; brats: X,Y,Z), each 4..2048")
+    checks.require_memory(f"--size {','.join(map(str, size))}", 40.0 * float(np.prod(size)))
     grid = size if layout == "lgg" else size[::-1]  # phantom grid is (z, y, x)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(out, "exists and is not a folder; synth writes a folder of cases")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInputError(out, f"cannot create the folder: {error.strerror or error}") from None
     folders = []
     ids = [case_id_for(layout, i) for i in range(cases)]
     existing = [i for i in ids if (out / i).exists()]

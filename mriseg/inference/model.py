@@ -122,10 +122,28 @@ def load_model(model: str | Path | None, device: str = "auto") -> LoadedModel:
     target = choose_device(device)
     network = model_from_checkpoint(checkpoint).to(target).eval()
     loaded = LoadedModel(path=path, checkpoint=checkpoint, network=network, device=target)
+    check_records(loaded)
+    return loaded
+
+
+def check_records(loaded: LoadedModel) -> None:
+    """Validate the checkpoint's own records before any input is read (a damaged or hand-edited
+    checkpoint is one line naming the file and the field, not a failure per case)."""
+    path, checkpoint = loaded.path, loaded.checkpoint
+    loaded.params, loaded.task  # noqa: B018 - each names its own malformed field
+    modalities = checkpoint.get("modalities") or []
+    if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
+        raise BadInputError(path, f"checkpoint modalities {modalities!r} are not a list of names")
+    if modalities and len(modalities) != loaded.in_channels:
+        raise BadInputError(path, f"checkpoint names {len(modalities)} modalities for {loaded.in_channels} "
+                                  "input channels")
+    patch = checkpoint.get("patch_size") or []
+    if not isinstance(patch, list) or not all(isinstance(p, int) and p > 0 for p in patch) \
+            or len(patch) not in (0, loaded.spatial_dims):
+        raise BadInputError(path, f"checkpoint patch_size {patch!r} is not {loaded.spatial_dims} sizes")
     if loaded.task.out_channels != int(checkpoint["model"]["out_channels"]):
         raise BadInputError(path, f"checkpoint task has {loaded.task.out_channels} output channels, the model "
                                   f"{checkpoint['model']['out_channels']}")
-    return loaded
 
 
 def canonical_modality(name: str) -> str:

@@ -152,9 +152,9 @@ def with_flips(predictor: Predictor, spatial_dims: int) -> Predictor:
     flip_sets = [combo for r in range(1, len(axes) + 1) for combo in itertools.combinations(axes, r)]
 
     def averaged(batch: torch.Tensor) -> torch.Tensor:
-        total = predictor(batch).float()
+        total = predictor(batch).float().clone()  # outside inference mode: a tensor we may add to
         for flipped in flip_sets:
-            total += predictor(batch.flip(flipped)).float().flip(flipped)
+            total = total + predictor(batch.flip(flipped)).float().flip(flipped)
         return total / (len(flip_sets) + 1)
 
     return averaged
