@@ -58,7 +58,7 @@ def recorded_training(monkeypatch):
     import mriseg.train as train_module
 
     calls = []
-    monkeypatch.setattr(train_module, "_train", lambda *args, **kwargs: calls.append(args) or {})
+    monkeypatch.setattr(train_module.loop, "run_training", lambda *args, **kwargs: calls.append(args) or {})
     return calls
 
 

@@ -207,15 +207,15 @@ def test_unwritable_run_folder(lgg_cache, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(lgg_cache, tmp_path, monkeypatch):
     train(lgg_cache, out=tmp_path / "run", epochs=1, steps_per_epoch=2, **TINY)
     good = (tmp_path / "run" / "last.pt").read_bytes()
-    import mriseg.train
+    import mriseg.train.loop
 
-    real_build_loss = mriseg.train.build_loss
+    real_build_loss = mriseg.train.loop.build_loss
 
     def build_loss_that_diverges(*args, **kwargs):
         loss = real_build_loss(*args, **kwargs)
         return lambda logits, target, weights=None: loss(logits, target, weights) * float("nan")
 
-    monkeypatch.setattr(mriseg.train, "build_loss", build_loss_that_diverges)
+    monkeypatch.setattr(mriseg.train.loop, "build_loss", build_loss_that_diverges)
     with pytest.raises(MrisegError, match=r"loss became nan at step 3 \(epoch 2\).*last good checkpoint kept"):
         train(out=tmp_path / "run", resume=True, epochs=2)
     assert (tmp_path / "run" / "last.pt").read_bytes() == good
@@ -264,7 +264,7 @@ def test_a_signal_delivered_twice_still_stops_at_the_next_step_with_a_checkpoint
     from mriseg import train as train_module
 
     clock = [100.0]
-    monkeypatch.setattr(train_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(train_module.signals.time, "monotonic", lambda: clock[0])
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with train_module.StopRequested() as stop:
         for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,136 @@
+"""``mriseg train``'s options: one dataclass, checked in one place before any data is read."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from torch import nn
+
+from mriseg import options as checks
+from mriseg.augment import parse_augment
+from mriseg.errors import MrisegError
+from mriseg.losses import LOSS_NAMES
+
+TASKS = ("auto", "binary", "multiclass", "regions")
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+SCHEDULES = ("plateau", "step", "cosine", "poly", "constant")
+
+# Ranges of the numeric options (integer options: low, high; real ones: low, high, open below, open above).
+INTEGER_RANGES = (("epochs", 1, 100_000), ("batch_size", 1, 65_536), ("steps_per_epoch", 1, 10_000_000),
+                  ("lr_patience", 0, 100_000), ("patience", 0, 100_000), ("workers", 0, 256),
+                  ("seed", 0, 2**32 - 1), ("log_every", 1, 10_000_000), ("ignore_index", 0, 255),
+                  ("folds", 2, 1000), ("fold", 0, 999))
+
+REAL_RANGES = {"lr": (0.0, 10.0, True, False), "weight_decay": (0.0, 10.0, False, False),
+               "momentum": (0.0, 1.0, False, True), "warmup_epochs": (0.0, 100_000.0, False, False),
+               "lr_factor": (0.0, 1.0, True, False), "clip_grad": (0.0, None, True, False),
+               "bce_weight": (0.0, 1.0, False, False), "uniform_share": (0.0, 1.0, False, False),
+               "foreground_share": (0.0, 1.0, False, False), "val_fraction": (0.0, 1.0, True, True)}
+
+# Options a resumed run may change; everything else comes from the run's config.json.
+RESUME_OVERRIDABLE = ("epochs", "patience", "device", "workers", "amp", "compile", "log_every")
+
+
+@dataclass
+class TrainOptions:
+    """Every option of ``mriseg train`` (the CLI flags, with ``-`` as ``_``)."""
+
+    model: str = "unet"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    spatial_dims: int = 2
+    task: str = "auto"
+    ignore_index: int = 255
+    loss: str = "dice"
+    bce_weight: float = 0.5
+    augment: str = "default"
+    epochs: int = 50
+    batch_size: int = 16
+    steps_per_epoch: int | None = None
+    patch_size: tuple[int, ...] | None = None
+    uniform_share: float = 0.1
+    foreground_share: float = 0.33
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    schedule: str = "plateau"
+    warmup_epochs: float = 0.0
+    lr_patience: int = 3
+    lr_factor: float = 0.5
+    clip_grad: float | None = None
+    patience: int = 10
+    val_fraction: float = 0.2
+    split: str | None = None
+    folds: int | None = None
+    fold: int = 0
+    device: str = "auto"
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    workers: int | None = None
+    seed: int = 0
+    log_every: int = 10
+    size: tuple[int, ...] | None = None
+    modalities: str | None = None
+
+    def check(self) -> None:
+        """Reject impossible combinations with one clear line each, before any data is touched."""
+        from mriseg.models.registry import MODELS
+
+        if self.model not in MODELS:
+            raise MrisegError(f"unknown model {self.model!r}; choose one of: {', '.join(MODELS)}")
+        choices = {"task": TASKS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "loss": LOSS_NAMES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise MrisegError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.spatial_dims not in (2, 3):
+            raise MrisegError(f"--dims must be 2 or 3, got {self.spatial_dims}")
+        for name, low, high in INTEGER_RANGES:
+            checks.number(name, getattr(self, name), integer=True, low=low, high=high,
+                          optional=name in ("steps_per_epoch", "workers", "folds"))
+        for name, (low, high, low_open, high_open) in REAL_RANGES.items():
+            checks.number(name, getattr(self, name), low=low, high=high, low_open=low_open, high_open=high_open,
+                          optional=name == "clip_grad")
+        checks.sizes("patch_size", self.patch_size, count=self.spatial_dims, largest=4096)
+        checks.sizes("size", self.size, count=(2, 3), largest=4096)
+        if self.folds is not None and not 0 <= self.fold < self.folds:
+            raise MrisegError(f"--fold must lie in 0..{self.folds - 1} for --folds {self.folds}, got {self.fold}")
+        if self.folds is None and self.fold != 0:
+            raise MrisegError(f"--fold {self.fold} needs --folds K (K-fold cross-validation by patient)")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise MrisegError("--nesterov needs --optimizer sgd and --momentum above 0")
+        if not isinstance(self.model_options, dict):
+            raise MrisegError(f"--model-options must be key=value pairs or a JSON object, got {self.model_options!r}")
+        if "features" in self.model_options:
+            checks.number("features", self.model_options["features"], integer=True, low=1, high=1024)
+        parse_augment(self.augment)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_patch_size(model: nn.Module, volume_shape: Sequence[int], largest: int = 128) -> tuple[int, ...]:
+    """The largest 3D patch, at most the volume and ``largest`` along each axis, that ``model`` accepts.
+
+    Size rules hold axis by axis (a multiple of 16; tiny3d's depth 4k - 1), so each axis takes the
+    largest accepted size on its own. An axis where nothing fits (a volume smaller than the model's
+    minimum) keeps its capped size, and the model's own error names sizes that work.
+    """
+    cap = tuple(min(int(s), largest) for s in volume_shape)
+    axis_ok = getattr(getattr(model, "size_rule", None), "axis_ok", None)
+    if axis_ok is None:
+        return cap
+    return tuple(next((size for size in range(limit, 0, -1) if axis_ok(axis, size)), limit)
+                 for axis, limit in enumerate(cap))
+
+
+def default_spatial_dims(model: str) -> int:
+    """2 (slices) for models that have a 2D form, 3 for the 3D-only ones (unet3d, tiny3d)."""
+    from mriseg.models.registry import MODELS
+
+    return min(MODELS[model].dims) if model in MODELS else 2
