@@ -207,15 +207,15 @@ def test_unwritable_run_folder(lgg_cache, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(lgg_cache, tmp_path, monkeypatch):
     train(lgg_cache, out=tmp_path / "run", epochs=1, steps_per_epoch=2, **TINY)
     good = (tmp_path / "run" / "last.pt").read_bytes()
-    import mriseg.train.loop
+    import mriseg.train.session
 
-    real_build_loss = mriseg.train.loop.build_loss
+    real_build_loss = mriseg.train.session.build_loss
 
     def build_loss_that_diverges(*args, **kwargs):
         loss = real_build_loss(*args, **kwargs)
         return lambda logits, target, weights=None: loss(logits, target, weights) * float("nan")
 
-    monkeypatch.setattr(mriseg.train.loop, "build_loss", build_loss_that_diverges)
+    monkeypatch.setattr(mriseg.train.session, "build_loss", build_loss_that_diverges)
     with pytest.raises(MrisegError, match=r"loss became nan at step 3 \(epoch 2\).*last good checkpoint kept"):
         train(out=tmp_path / "run", resume=True, epochs=2)
     assert (tmp_path / "run" / "last.pt").read_bytes() == good

@@ -11,32 +11,29 @@ import datetime
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from mriseg import log
-from mriseg import options as checks
-from mriseg.augment import AugmentConfig, augment_batch, parse_augment
+from mriseg.augment import augment_batch
 from mriseg.checkpoint import save_checkpoint
 from mriseg.devices import choose_device
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.files import refuse_output_over_inputs, write_json_atomic
-from mriseg.labels import IGNORED, Task
-from mriseg.losses import build_loss, deep_supervision_loss
-from mriseg.train.options import TrainOptions, default_patch_size, default_spatial_dims
-from mriseg.train.run_folder import (RunFolder, library_versions, open_training_data, point_latest_at,
-                                     prepare_run_dir, resolve_run_dir, resumed_options)
-from mriseg.train.sampling import StepBatches, TrainingSamples, load_volumes, saved_split, split_cases
-from mriseg.train.schedule import LearningRate, build_optimizer, precision
+from mriseg.losses import deep_supervision_loss
+from mriseg.train.options import TrainOptions, default_spatial_dims
+from mriseg.train.run_folder import (RunFolder, library_versions, point_latest_at, prepare_run_dir, resolve_run_dir,
+                                     resumed_options)
+from mriseg.train.sampling import StepBatches
+from mriseg.train.session import Session, TrainingState, checkpoint_payload, set_up
 from mriseg.train.signals import StopRequested
-from mriseg.train.validation import resolve_task, validate
+from mriseg.train.validation import validate
 
 
 def train(data: str | Path | None = None, model: str | None = None, out: str | Path | None = None,
@@ -104,70 +101,6 @@ def fresh_options(model: str | None, settings: dict[str, Any], data: Any, run_di
     return options, data, None
 
 
-@dataclass
-class Session:
-    """Everything the steps of one run share, built once by :func:`set_up`."""
-
-    options: TrainOptions
-    run: RunFolder
-    device: torch.device
-    rank: int
-    world_size: int
-    cache: Any
-    task: Task
-    train_ids: list[str]
-    val_ids: list[str]
-    raw_model: nn.Module
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: LearningRate
-    amp_dtype: torch.dtype | None
-    autocast: Any
-    scaler: torch.amp.GradScaler
-    loss_fn: Any
-    augment: AugmentConfig
-    dataset: TrainingSamples
-    val_volumes: list
-    workers: int
-    description: str
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def is_writer(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.options.spatial_dims == 2 else torch.channels_last_3d
-
-
-@dataclass
-class TrainingState:
-    """What ``--resume`` restores: where the loop is and the best score so far."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    best_score: float = -math.inf
-    best_epoch: int = -1
-    epochs_without_gain: int = 0
-    stopped_early: bool = False
-    last: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def restore(cls, checkpoint: dict | None, session: Session) -> "TrainingState":
-        if checkpoint is None:
-            return cls()
-        session.optimizer.load_state_dict(checkpoint["optimizer"])
-        session.schedule.load_state_dict(checkpoint["scheduler"])
-        session.scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if session.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-        return cls(checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["global_step"],
-                   checkpoint["best_score"], checkpoint["best_epoch"], checkpoint["epochs_without_gain"])
-
-
 def run_training(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | None, device: torch.device,
                  rank: int, world_size: int, resume: bool) -> dict[str, Any]:
     """Set up, then per epoch: the steps, validation on whole volumes, checkpoints and early stop."""
@@ -185,76 +118,6 @@ def run_training(data: Any, run: RunFolder, options: TrainOptions, checkpoint: d
             if end_epoch(session, state, epoch, losses, time.monotonic() - epoch_started):
                 break
     return finish(session, state, epoch)
-
-
-# --- set-up ----------------------------------------------------------------------------------------
-
-def set_up(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | None, device: torch.device,
-           rank: int, world_size: int, resume: bool) -> Session:
-    """Open the data, build the task, model, optimiser, schedule, precision and sampler."""
-    torch.manual_seed(options.seed)
-    cache, description = open_training_data(data, run.path, options, rank == 0)
-    labelled = [case_id for case_id in cache.case_ids if cache.record(case_id).get("has_label")]
-    if len(labelled) < 2:
-        raise BadInputError(cache.path, f"needs at least 2 labelled cases to train and validate, has {len(labelled)}")
-    label_map = {int(k): int(v) for k, v in (cache.manifest["params"].get("label_map") or {}).items()}
-    task = resolve_task(cache.label_info, options.task, options.ignore_index, cache.path, label_map)
-    spatial_shape = cache.record(labelled[0])["shape"]
-    if options.spatial_dims == 3 and len(spatial_shape) != 3:
-        raise BadInputError(cache.path, "--dims 3 needs 3D volumes; this cache holds 2D images")
-    train_ids, val_ids = saved_split(run.path, labelled) if resume else split_cases(labelled, options)
-    border = options.loss == "border-ce"
-    train_volumes = load_volumes(cache, train_ids, options.spatial_dims, options.uniform_share, border,
-                                 options.ignore_index)
-    val_volumes = load_volumes(cache, val_ids[rank::world_size], options.spatial_dims, options.uniform_share,
-                               border, options.ignore_index)
-    if options.steps_per_epoch is None:
-        samples = sum(v.slices for v in train_volumes) if options.spatial_dims == 2 else 8 * len(train_volumes)
-        options.steps_per_epoch = max(1, math.ceil(samples / (options.batch_size * world_size)))
-    raw_model = build_network(options, len(cache.modalities), task, spatial_shape, checkpoint, run.path, device)
-    model: nn.Module = raw_model
-    if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None)
-    if options.compile:
-        model = torch.compile(model)
-    amp_dtype, autocast, scaler = precision(options, device)
-    schedule = LearningRate(options.lr, options.schedule, options.epochs * options.steps_per_epoch,
-                            round(options.warmup_epochs * options.steps_per_epoch), options.lr_patience,
-                            options.lr_factor)
-    return Session(options=options, run=run, device=device, rank=rank, world_size=world_size, cache=cache, task=task,
-                   train_ids=train_ids, val_ids=val_ids, raw_model=raw_model, model=model,
-                   optimizer=build_optimizer(raw_model.parameters(), options), schedule=schedule,
-                   amp_dtype=amp_dtype, autocast=autocast, scaler=scaler,
-                   loss_fn=build_loss(options.loss, task.activation, IGNORED, options.bce_weight),
-                   augment=parse_augment(options.augment),
-                   dataset=TrainingSamples(train_volumes, options.spatial_dims, options.patch_size,
-                                           options.foreground_share, options.seed),
-                   val_volumes=val_volumes, description=description,
-                   workers=options.workers if options.workers is not None else (4 if device.type == "cuda" else 0))
-
-
-def build_network(options: TrainOptions, in_channels: int, task: Task, spatial_shape: list[int],
-                  checkpoint: dict | None, run_dir: Path, device: torch.device) -> nn.Module:
-    """The registry model (with the resumed weights), the default 3D patch, moved to the device."""
-    from mriseg.models import build_model
-
-    network = build_model(options.model, in_channels, task.out_channels, spatial_dims=options.spatial_dims,
-                          **options.model_options)
-    if options.spatial_dims == 3 and options.patch_size is None:
-        options.patch_size = default_patch_size(network, spatial_shape)
-    window = options.patch_size or spatial_shape[-2:]
-    checks.require_memory(f"a batch of {options.batch_size} x {in_channels} x {'x'.join(map(str, window))}",
-                          4.0 * options.batch_size * in_channels * float(np.prod(window)))
-    if checkpoint is not None:
-        for key, have, words in (("out_channels", task.out_channels, "output channels"),
-                                 ("in_channels", in_channels, "input channels")):
-            if checkpoint["model"][key] != have:
-                raise BadInputError(run_dir / "last.pt", f"model has {checkpoint['model'][key]} {words}, "
-                                                         f"the data {have}")
-        network.load_state_dict(checkpoint["state_dict"])
-    memory_format = torch.channels_last if options.spatial_dims == 2 else torch.channels_last_3d
-    return network.to(device, memory_format=memory_format if options.channels_last else torch.preserve_format)
 
 
 def start_run(session: Session, state: TrainingState, data: Any, resume: bool) -> None:
@@ -425,31 +288,6 @@ def say_epoch(session: Session, entry: dict[str, Any], improved: bool) -> None:
                     f"{entry['val_dice_median']:.4f} {regions}{' (best)' if improved else ''} "
                     f"[{entry['epoch_time']:.1f} s]")
     session.run.plot()
-
-
-def checkpoint_payload(session: Session, state: TrainingState, epoch: int, step_in_epoch: int,
-                       training: bool = True) -> dict[str, Any]:
-    """best.pt (``training=False``) or last.pt, which adds what ``--resume`` needs."""
-    options, cache = session.options, session.cache
-    payload = {
-        "model": {"name": options.model, "in_channels": len(cache.modalities),
-                  "out_channels": session.task.out_channels, "spatial_dims": options.spatial_dims,
-                  "options": options.model_options},
-        "state_dict": {k: v.detach().cpu() for k, v in session.raw_model.state_dict().items()},
-        "preprocess": cache.manifest["params"], "modalities": cache.modalities, "task": session.task.to_dict(),
-        "label_info": cache.label_info, "patch_size": list(options.patch_size or []),
-        "epoch": epoch, "best_score": state.best_score, "best_epoch": state.best_epoch,
-    }
-    if training:
-        device = session.device
-        payload.update({
-            "step_in_epoch": step_in_epoch, "global_step": state.global_step,
-            "epochs_without_gain": state.epochs_without_gain, "optimizer": session.optimizer.state_dict(),
-            "scheduler": session.schedule.state_dict(), "scaler": session.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        })
-    return payload
 
 
 def finish(session: Session, state: TrainingState, epoch: int) -> dict[str, Any]:

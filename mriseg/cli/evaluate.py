@@ -1,0 +1,76 @@
+"""``mriseg evaluate``: parse the options, call :mod:`mriseg.evaluate`, print the table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mriseg.cli.common import app, examples, print_json
+from mriseg.log import console
+
+
+@app.command("evaluate", epilog=examples(
+    "mriseg evaluate predictions/ labels/ --out evaluation/",
+    "mriseg evaluate predictions/ BraTS2021_Validation/ --regions brats --json > summary.json",
+    "mriseg evaluate --model runs/latest data/ --out evaluation/"))
+def evaluate_command(
+    paths: list[Path] = typer.Argument(..., metavar="PRED GT | DATA",
+                                       help="Predicted masks and the truth (files or folders, matched by case "
+                                            "id; GT may be a labelled dataset); with --model, one labelled DATA."),
+    out: Path = typer.Option(Path("evaluation"), "--out", "-o",
+                             help="Folder for metrics.csv, summary.json and dsc.png.", rich_help_panel="Output"),
+    model: Optional[Path] = typer.Option(None, "--model",
+                                         help="Run folder or checkpoint: predict DATA in memory and score it.",
+                                         rich_help_panel="With --model"),
+    regions: str = typer.Option("auto", "--regions",
+                                help="auto | binary | labels | brats | brats2023 | msd | NAME=1,2;NAME=4 "
+                                     "(auto: the dataset's or the checkpoint's regions, else binary).",
+                                rich_help_panel="Scoring"),
+    empty: str = typer.Option("score", "--empty",
+                              help="Empty-mask policy. score: both empty -> Dice 1, distances 0; one empty -> "
+                                   "Dice 0, distances the image diagonal (BraTS: 373.13 mm). ignore: also leave "
+                                   "out cases whose truth is empty.",
+                              rich_help_panel="Scoring"),
+    strict: bool = typer.Option(False, "--strict", help="Case ids present on one side only are an error.",
+                                rich_help_panel="Scoring"),
+    modalities: Optional[str] = typer.Option(None, "--modalities",
+                                             help="BraTS file-name map of the GT dataset, e.g. "
+                                                  "flair=Flair_x,t1ce=T1c_x,seg=OTMultiClass.",
+                                             rich_help_panel="Scoring"),
+    device: str = typer.Option("auto", "--device", help="With --model: cpu, cuda, cuda:1 or auto.",
+                               rich_help_panel="With --model"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --model: slices or patches per batch.",
+                                   rich_help_panel="With --model"),
+    tta: bool = typer.Option(False, "--tta", help="With --model: average predictions over flips.",
+                             rich_help_panel="With --model"),
+    largest_component: bool = typer.Option(False, "--largest-component",
+                                           help="With --model: keep only the largest tumour blob.",
+                                           rich_help_panel="With --model"),
+    interpolation: str = typer.Option("linear", "--interpolation",
+                                      help="With --model: back to the source grid, linear or nearest.",
+                                      rich_help_panel="With --model"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --out.",
+                                   rich_help_panel="Output"),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout.",
+                                 rich_help_panel="Output"),
+) -> None:
+    """Per-volume Dice, IoU, HD95, ASSD, sensitivity, precision and volumes, with a Dice bar plot."""
+    from mriseg.evaluate import evaluate, evaluate_model, results_table
+
+    if model is not None:
+        if len(paths) != 1:
+            raise typer.BadParameter("with --model give one labelled DATA folder", param_hint="PRED GT | DATA")
+        result = evaluate_model(model, paths[0], out, regions=regions, empty=empty, overwrite=overwrite,
+                                modalities=modalities, device=device, batch_size=batch_size, tta=tta,
+                                largest_component=largest_component, interpolation=interpolation)
+    else:
+        if len(paths) != 2:
+            raise typer.BadParameter("give PRED and GT, or --model RUN_DIR DATA", param_hint="PRED GT | DATA")
+        result = evaluate(paths[0], paths[1], out, regions=regions, empty=empty, strict=strict,
+                          overwrite=overwrite, modalities=modalities)
+    console.print(results_table(result))
+    console.print(f"wrote {out / 'metrics.csv'}, {out / 'summary.json'}, {out / 'dsc.png'}", markup=False)
+    if as_json:
+        print_json(result.summary)
