@@ -116,7 +116,7 @@ def test_predict_options_are_checked_before_the_model_is_read(args, fragment, tm
     (["--timeline", "blocker/t.png"], "blocker"), (["--timeline", "t.txt"], "--timeline"),
 ])
 def test_benchmark_options_are_checked_before_measuring(args, fragment, tmp_path, monkeypatch, capsys):
-    import mriseg.benchmark as benchmark
+    import mriseg.benchmark.report as benchmark
 
     monkeypatch.setattr(benchmark, "_launch", lambda job: pytest.fail("the benchmark started"))
     (tmp_path / "blocker").write_text("a file where a folder would be")
