@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,23 @@ def _pick_overlay(overlays: Path) -> str | None:
     return str(best) if best is not None else None
 
 
+def files_to_open(out: Path, plan: "DemoPlan") -> dict[str, str]:
+    """What a person should look at after the demo, by what it shows."""
+    predictions = out / "predictions"
+    gifs = sorted(predictions.glob("*.gif"))
+    files = {
+        ("overlay (prediction red, truth green)" if plan.regions == "binary" else
+         "overlay (prediction left, truth right, a colour per label)"): _pick_overlay(predictions / "overlays"),
+        "GIF through one volume": str(gifs[0]) if gifs else None,
+        "Dice bar plot of the held-out cases": str(out / "evaluation" / "dsc.png"),
+        "per-case metrics": str(out / "evaluation" / "metrics.csv"),
+        "training curves": str(out / "run" / "curves.png"),
+        "training log": str(out / "run" / "train.log"),
+        "the trained model (mriseg predict --model)": str(out / "run"),
+    }
+    return {k: v for k, v in files.items() if v is not None}
+
+
 def run_demo(out: str | Path = DEFAULT_OUT, layout: str = "lgg", overwrite: bool = False, seed: int = 0,
              device: str = "auto") -> DemoResult:
     """Synthetic data -> preprocess -> train -> predict with overlays and GIFs -> evaluate.
@@ -144,58 +163,37 @@ def run_demo(out: str | Path = DEFAULT_OUT, layout: str = "lgg", overwrite: bool
     seconds: dict[str, float] = {}
     started = time.monotonic()
 
-    def step(number: int, name: str, what: str) -> None:
-        seconds_so_far = time.monotonic() - started
-        log.info(f"[{number}/5] {name}: {what} ({seconds_so_far:.0f} s so far)")
+    @contextmanager
+    def step(number: int, name: str, what: str) -> Iterator[None]:
+        log.info(f"[{number}/5] {name}: {what} ({time.monotonic() - started:.0f} s so far)")
+        clock = time.monotonic()
+        yield
+        seconds[name] = time.monotonic() - clock
 
-    step(1, "synth", f"{plan.cases} synthetic {layout} cases, {plan.held_out} held out for testing")
-    clock = time.monotonic()
-    data, test = write_demo_data(out, layout, plan, seed)
-    seconds["synth"] = time.monotonic() - clock
-
-    step(2, "preprocess", f"{data} -> {out / 'cache'}")
-    clock = time.monotonic()
-    build_cache(data, out / "cache", PreprocessParams(norm="zscore", dtype="float16"), layout=layout)
-    seconds["preprocess"] = time.monotonic() - clock
+    with step(1, "synth", f"{plan.cases} synthetic {layout} cases, {plan.held_out} held out for testing"):
+        data, test = write_demo_data(out, layout, plan, seed)
+    with step(2, "preprocess", f"{data} -> {out / 'cache'}"):
+        build_cache(data, out / "cache", PreprocessParams(norm="zscore", dtype="float16"), layout=layout)
 
     settings = {**plan.train, "seed": seed, "device": device}
-    step(3, "train", f"a {settings['model']} of width {settings['model_options']['features']}, "
-                     f"{settings['epochs']} epochs of {settings['steps_per_epoch']} steps")
-    clock = time.monotonic()
-    summary = train(out / "cache", out=out / "run", **settings)
-    seconds["train"] = time.monotonic() - clock
-
-    step(4, "predict", f"{test} with the best checkpoint, overlays and GIFs")
-    clock = time.monotonic()
+    with step(3, "train", f"a {settings['model']} of width {settings['model_options']['features']}, "
+                          f"{settings['epochs']} epochs of {settings['steps_per_epoch']} steps"):
+        summary = train(out / "cache", out=out / "run", **settings)
     predictions = out / "predictions"
-    results = predict([str(test)], model=out / "run", options=PredictOptions(
-        out=predictions, overlay=True, gif=True, gif_fps=4.0, device=device))
+    with step(4, "predict", f"{test} with the best checkpoint, overlays and GIFs"):
+        results = predict([str(test)], model=out / "run", options=PredictOptions(
+            out=predictions, overlay=True, gif=True, gif_fps=4.0, device=device))
     failed = [result for result in results if result.status != "ok"]
     if failed:
         raise MrisegError(f"demo: predicting {failed[0].input} failed: {failed[0].error}")
-    seconds["predict"] = time.monotonic() - clock
-
-    step(5, "evaluate", f"{predictions} against {test}")
-    clock = time.monotonic()
-    evaluation = evaluate(predictions, test, out / "evaluation", regions=plan.regions, strict=True)
-    seconds["evaluate"] = time.monotonic() - clock
+    with step(5, "evaluate", f"{predictions} against {test}"):
+        evaluation = evaluate(predictions, test, out / "evaluation", regions=plan.regions, strict=True)
     seconds["total"] = time.monotonic() - started
 
-    test_dice = {region: stats["metrics"]["dice"]["mean"]
-                 for region, stats in evaluation.summary["regions"].items()}
-    gifs = sorted(predictions.glob("*.gif"))
-    files = {
-        ("overlay (prediction red, truth green)" if plan.regions == "binary" else
-         "overlay (prediction left, truth right, a colour per label)"): _pick_overlay(predictions / "overlays"),
-        "GIF through one volume": str(gifs[0]) if gifs else None,
-        "Dice bar plot of the held-out cases": str(out / "evaluation" / "dsc.png"),
-        "per-case metrics": str(out / "evaluation" / "metrics.csv"),
-        "training curves": str(out / "run" / "curves.png"),
-        "training log": str(out / "run" / "train.log"),
-        "the trained model (mriseg predict --model)": str(out / "run"),
-    }
     result = DemoResult(out=out, layout=layout, val_dice=float(summary["best_val_dice_mean"]),
-                        test_dice=test_dice, seconds={k: round(v, 1) for k, v in seconds.items()},
-                        files={k: v for k, v in files.items() if v is not None})
+                        test_dice={region: stats["metrics"]["dice"]["mean"]
+                                   for region, stats in evaluation.summary["regions"].items()},
+                        seconds={k: round(v, 1) for k, v in seconds.items()},
+                        files=files_to_open(out, plan))
     write_json_atomic(out / "demo.json", result.to_dict())
     return result

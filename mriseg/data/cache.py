@@ -122,54 +122,15 @@ def build_cache(source: str | Path, out: str | Path, params: PreprocessParams, l
     refuse_output_over_inputs(out, [source], option="the cache folder")
     refs = list_cases(source, layout=layout, modalities=modalities)
     layout = refs[0].layout
-    manifest_path = out / MANIFEST
-    previous: dict[str, Any] | None = None
-    if manifest_path.exists():
-        previous = _load_manifest(out)
-        if previous["params"] != params.to_dict() or previous.get("layout") != layout:
-            if not force:
-                raise MrisegError(f"{out}: holds a cache made with other parameters "
-                                  f"({json.dumps(previous['params'])}, layout {previous.get('layout')}); "
-                                  "pass --force to rebuild it")
-            previous = None
-    elif out.exists() and not out.is_dir():
-        raise BadInputError(out, "exists and is not a folder; choose a new folder for the cache")
-    elif out.exists() and any(out.iterdir()):
-        raise MrisegError(f"{out}: exists and is not an mriseg cache; choose an empty or new folder")
-    cases_dir = out / "cases"
-    try:
-        cases_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MrisegError(f"{out}: cannot create the cache folder ({error.strerror})") from error
-    for stale in cases_dir.glob(".*.tmp"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
-
-    records: dict[str, dict] = {}
+    previous = _previous_manifest(out, params, layout, force)
+    cases_dir = _prepare_cases_folder(out)
     summary = PreprocessSummary(cache=str(out), layout=layout, total=len(refs))
-    old_records = previous["cases"] if previous else {}
-    todo = []
-    for ref in refs:
-        old = old_records.get(ref.case_id)
-        if old is not None and _unchanged(old, ref, cases_dir):
-            records[ref.case_id] = old
-            summary.skipped.append(ref.case_id)
-        else:
-            todo.append(ref)
-    current_ids = {r.case_id for r in refs}
-    summary.removed = sorted(set(old_records) - current_ids)
-    for case_id in summary.removed:
-        shutil.rmtree(cases_dir / case_id, ignore_errors=True)
-    if previous is None and force:
-        for folder in cases_dir.iterdir():
-            if folder.name not in current_ids:
-                shutil.rmtree(folder, ignore_errors=True)
-    if summary.skipped:
-        log.info(f"{len(summary.skipped)} of {len(refs)} cases unchanged since the last run: skipped")
+    records, todo = _reuse_unchanged(refs, previous, cases_dir, summary, force)
 
     def save_manifest(complete: bool) -> None:
         ordered = {r.case_id: records[r.case_id] for r in refs if r.case_id in records}
         first = next(iter(ordered.values()), {})
-        write_json_atomic(manifest_path, {
+        write_json_atomic(out / MANIFEST, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "mriseg_version": __version__,
             "complete": complete, "source": str(source.resolve()), "layout": layout,
             "params": params.to_dict(), "modalities": first.get("modalities", list(refs[0].modalities)),
@@ -192,14 +153,68 @@ def build_cache(source: str | Path, out: str | Path, params: PreprocessParams, l
     if not records:
         raise MrisegError(f"{source}: no case could be preprocessed ({len(summary.bad)} bad)")
     _check_consistent(records, refs)
-    shapes = {tuple(r["shape"]) for r in records.values()}
-    if len(shapes) > 1 and params.size is None:
-        log.warn(f"the cases have {len(shapes)} different shapes; models trained on whole images in "
-                 "batches need one size (--size)")
+    if len({tuple(r["shape"]) for r in records.values()}) > 1 and params.size is None:
+        log.warn("the cases have different shapes; models trained on whole images in batches need one size (--size)")
     save_manifest(complete=True)
     if summary.bad:
         log.warn(f"skipped {len(summary.bad)} bad case(s): " + ", ".join(b["case"] for b in summary.bad))
     return summary
+
+
+def _previous_manifest(out: Path, params: PreprocessParams, layout: str, force: bool) -> dict[str, Any] | None:
+    """The manifest of an earlier run into ``out`` with the same parameters (None: start afresh)."""
+    if (out / MANIFEST).exists():
+        previous = _load_manifest(out)
+        if previous["params"] == params.to_dict() and previous.get("layout") == layout:
+            return previous
+        if not force:
+            raise MrisegError(f"{out}: holds a cache made with other parameters "
+                              f"({json.dumps(previous['params'])}, layout {previous.get('layout')}); "
+                              "pass --force to rebuild it")
+        return None
+    if out.exists() and not out.is_dir():
+        raise BadInputError(out, "exists and is not a folder; choose a new folder for the cache")
+    if out.exists() and any(out.iterdir()):
+        raise MrisegError(f"{out}: exists and is not an mriseg cache; choose an empty or new folder")
+    return None
+
+
+def _prepare_cases_folder(out: Path) -> Path:
+    cases_dir = out / "cases"
+    try:
+        cases_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MrisegError(f"{out}: cannot create the cache folder ({error.strerror})") from error
+    for stale in cases_dir.glob(".*.tmp"):  # left by an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
+    return cases_dir
+
+
+def _reuse_unchanged(refs: list[CaseRef], previous: dict[str, Any] | None, cases_dir: Path,
+                     summary: PreprocessSummary, force: bool) -> tuple[dict[str, dict], list[CaseRef]]:
+    """Records of cases whose sources did not change since the last run, and the cases to (re)do;
+    cached cases no longer in the source are removed."""
+    records: dict[str, dict] = {}
+    old_records = previous["cases"] if previous else {}
+    todo = []
+    for ref in refs:
+        old = old_records.get(ref.case_id)
+        if old is not None and _unchanged(old, ref, cases_dir):
+            records[ref.case_id] = old
+            summary.skipped.append(ref.case_id)
+        else:
+            todo.append(ref)
+    current_ids = {r.case_id for r in refs}
+    summary.removed = sorted(set(old_records) - current_ids)
+    for case_id in summary.removed:
+        shutil.rmtree(cases_dir / case_id, ignore_errors=True)
+    if previous is None and force:
+        for folder in cases_dir.iterdir():
+            if folder.name not in current_ids:
+                shutil.rmtree(folder, ignore_errors=True)
+    if summary.skipped:
+        log.info(f"{len(summary.skipped)} of {len(refs)} cases unchanged since the last run: skipped")
+    return records, todo
 
 
 def _unchanged(record: dict, ref: CaseRef, cases_dir: Path) -> bool:
