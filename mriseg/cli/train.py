@@ -10,6 +10,7 @@ import typer
 
 from mriseg.cli.common import app, examples, print_json
 from mriseg.errors import MrisegError
+from mriseg.losses import LOSS_HELP
 from mriseg.options import parse_numbers
 
 
@@ -59,8 +60,7 @@ def train_command(
                                        rich_help_panel="Task and loss"),
     ignore_index: Optional[int] = typer.Option(None, "--ignore-index", rich_help_panel="Task and loss",
                                                help="Label ignored by multi-class losses. (default: 255)"),
-    loss: Optional[str] = typer.Option(None, "--loss", help="dice, bce, bce-dice, soft-iou, ce, dice-ce, focal, "
-                                                            "border-ce. (default: dice)",
+    loss: Optional[str] = typer.Option(None, "--loss", help=f"{LOSS_HELP}. (default: dice)",
                                        rich_help_panel="Task and loss"),
     bce_weight: Optional[float] = typer.Option(None, "--bce-weight", help="BCE share of bce-dice. (default: 0.5)",
                                                rich_help_panel="Task and loss"),

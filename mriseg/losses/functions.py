@@ -31,7 +31,6 @@ from torch import Tensor
 
 from mriseg.errors import MrisegError
 
-LOSS_NAMES = ("dice", "bce", "bce-dice", "soft-iou", "ce", "dice-ce", "focal", "border-ce")
 SMOOTH = 1.0
 
 LossFunction = Callable[..., Tensor]
@@ -140,36 +139,36 @@ def border_weight_map(label: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
 
 def build_loss(name: str, activation: str, ignore_index: int | None = None,
                bce_weight: float = 0.5, focal_gamma: float = 2.0) -> LossFunction:
-    """The loss called ``name`` as ``loss(logits, target, pixel_weights=None) -> scalar``.
+    """The loss called ``name`` (a key of :data:`mriseg.losses.LOSSES`) as
+    ``loss(logits, target, pixel_weights=None) -> scalar``.
 
     ``activation`` is ``sigmoid`` (binary and region tasks) or ``softmax`` (multi-class).
     ``pixel_weights`` is used by ``border-ce`` only (maps from :func:`border_weight_map`).
     """
-    if name not in LOSS_NAMES:
-        raise MrisegError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
-    if name == "bce" and activation != "sigmoid":
-        raise MrisegError("loss 'bce' needs a sigmoid task (binary or regions); use 'ce' for multi-class")
+    from mriseg.losses import LOSSES
+
+    if name not in LOSSES:
+        raise MrisegError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    spec = LOSSES[name]
+    if spec.sigmoid_only and activation != "sigmoid":
+        raise MrisegError(f"loss {name!r} needs a sigmoid task (binary or regions); use 'ce' for multi-class")
     if not 0.0 <= bce_weight <= 1.0:
         raise MrisegError(f"--bce-weight must be in [0, 1], got {bce_weight}")
-    kwargs = {"activation": activation, "ignore_index": ignore_index}
+    terms = [(weight, globals()[function]) for weight, function in spec.terms]
+    common = {"activation": activation, "ignore_index": ignore_index}
 
     def loss(logits: Tensor, target: Tensor, pixel_weights: Tensor | None = None) -> Tensor:
-        if name == "dice":
-            return dice_loss(logits, target, **kwargs)
-        if name == "soft-iou":
-            return soft_iou_loss(logits, target, **kwargs)
-        if name in ("bce", "ce"):
-            return cross_entropy_loss(logits, target, **kwargs)
-        if name == "bce-dice":
-            return (bce_weight * cross_entropy_loss(logits, target, **kwargs)
-                    + (1 - bce_weight) * dice_loss(logits, target, **kwargs))
-        if name == "dice-ce":
-            return cross_entropy_loss(logits, target, **kwargs) + dice_loss(logits, target, **kwargs)
+        if spec.needs_pixel_weights and pixel_weights is None:
+            raise ValueError(f"{name} needs pixel_weights (see border_weight_map)")
+        extra = {"pixel_weights": pixel_weights} if spec.needs_pixel_weights else {}
         if name == "focal":
-            return focal_loss(logits, target, gamma=focal_gamma, **kwargs)
-        if pixel_weights is None:
-            raise ValueError("border-ce needs pixel_weights (see border_weight_map)")
-        return cross_entropy_loss(logits, target, pixel_weights=pixel_weights, **kwargs)
+            extra["gamma"] = focal_gamma
+        total = None
+        for weight, function in terms:
+            value = (bce_weight if weight == "bce" else 1 - bce_weight if weight == "dice" else weight) \
+                * function(logits, target, **common, **extra)
+            total = value if total is None else total + value
+        return total
 
     loss.__name__ = f"{name}_loss"
     return loss
