@@ -109,4 +109,4 @@ def _gib(n: float) -> str:
 
 
 def _show(value: float) -> str:
-    return f"{value:g}"
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
