@@ -24,7 +24,7 @@ class LossSpec:
     terms: tuple[tuple[float | str, str], ...]
     help: str
     sigmoid_only: bool = False
-    needs_pixel_weights: bool = False
+    keywords: tuple[str, ...] = ()   # loss options its functions take: "gamma", "pixel_weights"
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -35,9 +35,9 @@ LOSSES: dict[str, LossSpec] = {
     "soft-iou": LossSpec(((1.0, "soft_iou_loss"),), "soft Jaccard"),
     "ce": LossSpec(((1.0, "cross_entropy_loss"),), "cross-entropy"),
     "dice-ce": LossSpec(((1.0, "cross_entropy_loss"), (1.0, "dice_loss")), "CE + Dice (MONAI's DiceCELoss)"),
-    "focal": LossSpec(((1.0, "focal_loss"),), "focal loss (Lin et al. 2017)"),
+    "focal": LossSpec(((1.0, "focal_loss"),), "focal loss (Lin et al. 2017)", keywords=("gamma",)),
     "border-ce": LossSpec(((1.0, "cross_entropy_loss"),), "U-Net border-weighted CE (Ronneberger et al. 2015)",
-                          needs_pixel_weights=True),
+                          keywords=("pixel_weights",)),
 }
 """Every ``--loss`` by name."""
 LOSS_NAMES = tuple(LOSSES)

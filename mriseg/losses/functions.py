@@ -154,21 +154,20 @@ def build_loss(name: str, activation: str, ignore_index: int | None = None,
         raise MrisegError(f"loss {name!r} needs a sigmoid task (binary or regions); use 'ce' for multi-class")
     if not 0.0 <= bce_weight <= 1.0:
         raise MrisegError(f"--bce-weight must be in [0, 1], got {bce_weight}")
-    terms = [(weight, globals()[function]) for weight, function in spec.terms]
+    # "bce" / "dice" weights are --bce-weight and its complement, fixed when the loss is built
+    shares = {"bce": bce_weight, "dice": 1 - bce_weight}
+    terms = [(shares.get(weight, weight), globals()[function]) for weight, function in spec.terms]
     common = {"activation": activation, "ignore_index": ignore_index}
+    if "gamma" in spec.keywords:
+        common["gamma"] = focal_gamma
 
     def loss(logits: Tensor, target: Tensor, pixel_weights: Tensor | None = None) -> Tensor:
-        if spec.needs_pixel_weights and pixel_weights is None:
-            raise ValueError(f"{name} needs pixel_weights (see border_weight_map)")
-        extra = {"pixel_weights": pixel_weights} if spec.needs_pixel_weights else {}
-        if name == "focal":
-            extra["gamma"] = focal_gamma
-        total = None
-        for weight, function in terms:
-            value = (bce_weight if weight == "bce" else 1 - bce_weight if weight == "dice" else weight) \
-                * function(logits, target, **common, **extra)
-            total = value if total is None else total + value
-        return total
+        extra = {}
+        if "pixel_weights" in spec.keywords:
+            if pixel_weights is None:
+                raise ValueError(f"{name} needs pixel_weights (see border_weight_map)")
+            extra["pixel_weights"] = pixel_weights
+        return sum(weight * function(logits, target, **common, **extra) for weight, function in terms)
 
     loss.__name__ = f"{name}_loss"
     return loss
