@@ -256,6 +256,17 @@ class Task:
         return task
 
 
+def painted_values(regions: Sequence[Sequence[int]]) -> list[int]:
+    """The label value :func:`regions_to_labels` paints for each region, largest region first
+    (nnU-Net's ``regions_class_order`` for the same regions)."""
+    order = sorted(range(len(regions)), key=lambda r: -len(regions[r]))
+    values = []
+    for position, region in enumerate(order):
+        smaller = set().union(*(set(regions[r]) for r in order[position + 1:]))
+        values.append((sorted(set(regions[region]) - smaller) or sorted(regions[region]))[0])
+    return values
+
+
 def regions_to_labels(region_masks: np.ndarray, regions: Sequence[Sequence[int]]) -> np.ndarray:
     """Turn overlapping region masks back into one label map.
 
@@ -270,10 +281,8 @@ def regions_to_labels(region_masks: np.ndarray, regions: Sequence[Sequence[int]]
     """
     labels = np.zeros(region_masks.shape[1:], dtype=np.uint8)
     order = sorted(range(len(regions)), key=lambda r: -len(regions[r]))
-    for position, region in enumerate(order):
-        smaller = set().union(*(set(regions[r]) for r in order[position + 1:]))
-        own = sorted(set(regions[region]) - smaller) or sorted(regions[region])
-        labels[region_masks[region]] = own[0]
+    for region, value in zip(order, painted_values(regions)):
+        labels[region_masks[region]] = value
     return labels
 
 
@@ -288,9 +297,14 @@ def task_for_labels(label_info: Mapping[str, Any], requested: str = "auto", igno
     scheme = str(label_info.get("scheme", ""))
     names = {str(k): str(v) for k, v in (label_info.get("names") or {}).items()}
     kind = requested
+    common = {"ignore_label": ignore_label, "label_map": dict(label_map or {})}
+    declared = label_info.get("regions") or {}
+    if declared and kind in ("auto", "regions"):  # nnU-Net region lists: sigmoid regions, scored as regions
+        regions = tuple(Region(str(name), tuple(int(v) for v in labels)) for name, labels in declared.items())
+        return Task("regions", tuple(values), regions=regions, channel_names=tuple(r.name for r in regions),
+                    **common)
     if kind == "auto":
         kind = "binary" if set(values) <= {0, 1} else "regions" if regions_of_scheme(scheme) else "multiclass"
-    common = {"ignore_label": ignore_label, "label_map": dict(label_map or {})}
     if kind == "binary":
         if not set(values) <= {0, 1}:
             raise MrisegError(f"labels {values} do not fit --task binary (needs values 0 and 1); "

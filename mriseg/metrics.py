@@ -38,6 +38,33 @@ def dice(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None) -
     return dice_from_counts(*confusion(pred, truth, valid))
 
 
+def surface_distances(pred: np.ndarray, truth: np.ndarray,
+                      spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Distances in mm from each surface voxel of one mask to the other's surface, both ways.
+
+    A surface voxel is a mask voxel with a face neighbour outside the mask (erosion with the
+    face-connected structure and a zero border, as medpy's ``__surface_distances``). Both masks
+    must be non-empty. Returns ``(pred -> truth, truth -> pred)``; HD95 and ASSD are both read off
+    this one pair of distance transforms.
+    """
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(pred.ndim, 1)
+    pred_surface = pred & ~ndimage.binary_erosion(pred, structure=structure, border_value=0)
+    truth_surface = truth & ~ndimage.binary_erosion(truth, structure=structure, border_value=0)
+    sampling = tuple(float(s) for s in spacing)
+    to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=sampling)
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=sampling)
+    return to_truth[pred_surface], to_pred[truth_surface]
+
+
+def hd95_and_assd(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:
+    """HD95 and ASSD of two non-empty boolean masks, in mm, both over the pooled distances of the
+    two directions (medpy >= 0.5's definitions): the 95th percentile and the mean."""
+    pooled = np.concatenate(surface_distances(pred, truth, spacing))
+    return float(np.percentile(pooled, 95)), float(pooled.mean())
+
+
 def missing_distance(shape: Sequence[int], spacing: Sequence[float]) -> float:
     """The surface distance given when one mask is empty: the image's diagonal in mm.
 

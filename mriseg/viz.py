@@ -248,10 +248,12 @@ def plot_training_curves(records: list[dict], path: str | Path) -> Path:
     if epochs:
         at = [r["step"] for r in epochs]
         loss_axis.plot(at, [r["train_loss"] for r in epochs], "o-", label="train loss (epoch)")
-        loss_axis.plot(at, [r["val_loss"] for r in epochs], "s-", label="val loss")
-        numbers = [r["epoch"] for r in epochs]
-        dice_axis.plot(numbers, [r["val_dice_mean"] for r in epochs], "o-", label="mean")
-        dice_axis.plot(numbers, [r["val_dice_median"] for r in epochs], "s--", label="median")
+        validated = [r for r in epochs if r.get("val_dice_mean") is not None]  # none with --val-fraction 0
+        if validated:
+            loss_axis.plot([r["step"] for r in validated], [r["val_loss"] for r in validated], "s-", label="val loss")
+            numbers = [r["epoch"] for r in validated]
+            dice_axis.plot(numbers, [r["val_dice_mean"] for r in validated], "o-", label="mean")
+            dice_axis.plot(numbers, [r["val_dice_median"] for r in validated], "s--", label="median")
     loss_axis.set(xlabel="step", ylabel="loss", title="loss")
     dice_axis.set(xlabel="epoch", ylabel="per-volume Dice", title="validation Dice", ylim=(0, 1))
     for axis in (loss_axis, dice_axis):

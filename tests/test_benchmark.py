@@ -77,7 +77,14 @@ def test_every_mode_runs_on_two_cpu_processes(tmp_path):
     assert modes[0] == ("single", None)
     assert ("naive split", None) in modes and ("pipelined", "gpipe") in modes and ("pipelined", "1f1b") in modes
     assert modes[-1] == ("data parallel", None)
+    assert ("single, accumulated", None) in modes and ("one process, 2 threads", None) in modes
     naive = next(e for e in report["results"] if e["mode"] == "naive split")
+    pipelined = next(e for e in report["results"] if e["mode"] == "pipelined")
+    # like for like: a pipeline is divided by one device accumulating the same micro-batches
+    assert pipelined["baseline"] == "single, 2 micro-batches accumulated"
+    assert naive["baseline"].startswith("single (whole batch")
+    assert all(e["bound"] == 2.0 for e in report["results"] if e["mode"] in ("naive split", "pipelined"))
+    assert any(line.startswith("fastest way to use both devices") for line in report["conclusion"])
     # Forward: the features and the skip; backward: their gradients. 4 samples of float32.
     crossing = 4 * 4 * (8 * 8 * 8 + 4 * 16 * 16)
     assert naive["bytes_sent_forward"] == crossing and naive["bytes_sent_backward"] == crossing
@@ -91,7 +98,10 @@ def test_every_mode_runs_on_two_cpu_processes(tmp_path):
 
 def test_both_stages_in_one_process_measure_the_machinery():
     report = run_benchmark(tiny_config(colocated=True, schedules=("gpipe", "1f1b")), tiny_unet)
-    assert [e["mode"] for e in report["results"]] == ["single", "naive split", "pipelined", "pipelined"]
+    assert [e["mode"] for e in report["results"]] == ["single", "single, accumulated", "naive split", "pipelined",
+                                                      "pipelined"]
+    # one device: a split cannot gain
+    assert all(e["bound"] == 1.0 for e in report["results"] if e["mode"] in ("naive split", "pipelined"))
     assert "PROJECTION" in report["projection"]["note"]
 
 
@@ -137,5 +147,6 @@ def test_cli_runs_a_registry_model_and_prints_json():
                              "--steps", "1", "--warmup", "0", "--json"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert [e["mode"] for e in report["results"]] == ["single", "naive split", "pipelined", "data parallel"]
+    assert [e["mode"] for e in report["results"]] == ["single", "single, accumulated", "one process, 2 threads",
+                                                      "naive split", "pipelined", "data parallel"]
     assert report["cuts"]["encoder-decoder"]["groups"][1][0].startswith("dec")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from mriseg.data.case import Case
 from mriseg.data.preprocess import PreprocessParams
+from mriseg.devices import choose_precision
 from mriseg.errors import BadInputError
 from mriseg.inference import InferenceSettings, LoadedModel, predict_case, predict_logits
 from mriseg.labels import REGION_SCHEMES, Task, task_for_labels
@@ -84,7 +85,8 @@ def test_validation_and_evaluate_share_one_engine_and_agree(tmp_path):
     label = (image[0] > 0.8).astype(np.uint8)
     task = Task("binary")
     options = TrainOptions(spatial_dims=3, patch_size=(16, 16, 16), batch_size=2)
-    [record] = validate(network, [Volume("c", image, label, 2)], task, build_loss("dice", "sigmoid"), options, False)
+    [record] = validate(network, [Volume("c", image, label, 2)], task, build_loss("dice", "sigmoid"), options,
+                        choose_precision(torch.device("cpu")))
     logits = predict_logits(network, image, 3, 2, InferenceSettings(patch_size=(16, 16, 16), batch_size=2))
     predicted = task.decode(task.probabilities(logits[None])[0].numpy())
     assert record["dice"] == pytest.approx(dice(predicted > 0, label > 0))
@@ -128,7 +130,7 @@ def test_prediction_ignores_a_label_beside_the_input_when_cropping():
 def test_valid_convolution_unet_predicts_a_whole_slice():
     network = build_model("unet", 1, 2, spatial_dims=2, variant="original", features=2).eval()
     image = np.random.default_rng(0).normal(size=(1, 3, 40, 36)).astype(np.float32)
-    logits = predict_logits(network, image, 2, 0, InferenceSettings())
+    logits = predict_logits(network, image, 2, 0, InferenceSettings(amp=False))  # float32, as the direct pass
     assert tuple(logits.shape) == (2, 3, 40, 36)
     # the same as one direct pass on the slice centred in a 236 x 220 input (output 184 smaller)
     padded = torch.nn.functional.pad(torch.from_numpy(image[:, 0])[None], (92, 220 - 36 - 92, 92, 236 - 40 - 92))
@@ -171,7 +173,7 @@ def test_ignore_label_is_left_out_of_binary_targets_and_validation_dice():
     label = np.array([[[1, 1, 255, 255]] * 4], np.uint8).reshape(1, 4, 4)
     image = np.zeros((1, 1, 4, 4), np.float32)
     [record] = validate(Constant(), [Volume("c", image, label, 0)], task, build_loss("dice", "sigmoid"),
-                        TrainOptions(spatial_dims=2), False)
+                        TrainOptions(spatial_dims=2), choose_precision(torch.device("cpu")))
     assert record["dice"] == 1.0  # the ignored voxels are neither false positives nor background
 
 
@@ -286,5 +288,5 @@ def test_multiclass_validation_channels_are_named_after_their_classes():
     image = np.zeros((1, 1, 16, 16), np.float32)
     label = np.zeros((1, 16, 16), np.uint8)
     [record] = validate(network, [Volume("c", image, label, 0)], task, build_loss("ce", "softmax", -1),
-                        TrainOptions(spatial_dims=2), False)
+                        TrainOptions(spatial_dims=2), choose_precision(torch.device("cpu")))
     assert len(record["channels"]) == 2

@@ -132,6 +132,27 @@ def test_ignore_policy_drops_cases_whose_truth_is_empty():
     assert score_masks(empty, tumour, (1, 1, 1), empty="ignore").dice == 0.0
 
 
+def test_nan_policy_gives_nnunets_nanmean(tmp_path):
+    """nnU-Net's compute_metrics: Dice = 2TP/(2TP+FP+FN), NaN when TP+FP+FN = 0; the mean is nanmean."""
+    tumour = cube((8, 8, 8), (1, 1, 1), 4)
+    empty = np.zeros_like(tumour)
+    cases = {"both_empty": (empty, empty), "missed": (empty, tumour), "found": (np.roll(tumour, 1, 0), tumour),
+             "invented": (tumour, empty)}
+    for side in ("pred", "gt"):
+        (tmp_path / side).mkdir()
+    expected = []
+    for case_id, (pred, truth) in cases.items():
+        save_nifti(tmp_path / "pred" / f"{case_id}.nii.gz", pred)
+        save_nifti(tmp_path / "gt" / f"{case_id}.nii.gz", truth)
+        tp, fp, fn = int((pred & truth).sum()), int((pred & ~truth).sum()), int((~pred & truth).sum())
+        expected.append(np.nan if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+    result = evaluate(tmp_path / "pred", tmp_path / "gt", tmp_path / "out", empty="nan")
+    dice = result.summary["regions"]["tumour"]["metrics"]["dice"]
+    assert dice["mean"] == pytest.approx(np.nanmean(expected)) and dice["n"] == 3
+    assert result.summary["empty_policy"]["name"] == "nan"
+    assert score_masks(empty, empty, (1, 1, 1), empty="nan").hd95 is None
+
+
 def test_unknown_empty_policy_is_an_error():
     with pytest.raises(MrisegError):
         score_masks(np.ones(3, bool), np.ones(3, bool), (1,), empty="nan")
@@ -256,6 +277,22 @@ def test_cli_json_summary_and_refusal_to_overwrite(two_folders):
     again = run_cli("evaluate", two_folders / "pred", two_folders / "gt", "--out", out)
     assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
     assert evaluate(two_folders / "pred", two_folders / "gt", out, overwrite=True).summary["cases"] == 2
+
+
+def test_workers_give_the_same_report_in_the_same_order(tmp_path):
+    rng = np.random.default_rng(3)
+    for side in ("pred", "gt"):
+        (tmp_path / side).mkdir()
+    for number_ in range(6):
+        truth = cube((10, 10, 10), tuple(int(v) for v in rng.integers(0, 4, size=3)), 5)
+        save_nifti(tmp_path / "gt" / f"c{number_}.nii.gz", truth)
+        save_nifti(tmp_path / "pred" / f"c{number_}.nii.gz", np.roll(truth, number_ % 3, axis=0))
+    serial = evaluate(tmp_path / "pred", tmp_path / "gt", tmp_path / "one")
+    parallel = evaluate(tmp_path / "pred", tmp_path / "gt", tmp_path / "three", workers=3)
+    assert (tmp_path / "one" / "metrics.csv").read_text() == (tmp_path / "three" / "metrics.csv").read_text()
+    assert serial.summary == parallel.summary
+    with pytest.raises(MrisegError, match="--workers"):
+        evaluate(tmp_path / "pred", tmp_path / "gt", tmp_path / "zero", workers=0)
 
 
 def test_unmatched_cases_are_listed_and_strict_refuses(two_folders, capsys):

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mriseg"
 LAYERS = {
     "__main__": 5, "cli": 4,
     "demo": 3,  # the whole chain on synthetic data: it calls every command's function
-    "train": 2, "predict": 2, "evaluate": 2, "benchmark": 2,
+    "train": 2, "predict": 2, "evaluate": 2, "benchmark": 2, "convert": 2,
     "data": 1, "models": 1, "inference": 1, "labels": 1, "losses": 1, "metrics": 1, "augment": 1,
     "checkpoint": 1, "viz": 1,
     "log": 0, "files": 0, "devices": 0, "options": 0, "__init__": 0,

@@ -23,7 +23,7 @@ TRAIN_RULES = {  # option: (integer, low, high, low_open, high_open)
     "--weight-decay": (False, 0, 10, False, False), "--momentum": (False, 0, 1, False, True),
     "--warmup-epochs": (False, 0, 100_000, False, False), "--lr-patience": (True, 0, 100_000, False, False),
     "--lr-factor": (False, 0, 1, True, False), "--clip-grad": (False, 0, math.inf, True, False),
-    "--patience": (True, 0, 100_000, False, False), "--val-fraction": (False, 0, 1, True, True),
+    "--patience": (True, 0, 100_000, False, False), "--val-fraction": (False, 0, 1, False, True),
     "--workers": (True, 0, 256, False, False), "--seed": (True, 0, 2**32 - 1, False, False),
     "--log-every": (True, 1, 10_000_000, False, False), "--bce-weight": (False, 0, 1, False, False),
     "--uniform-share": (False, 0, 1, False, False), "--foreground-share": (False, 0, 1, False, False),
@@ -80,6 +80,9 @@ def test_train_options_are_range_checked_before_any_work(option, value, tmp_path
 @pytest.mark.parametrize("args,fragment", [
     (["--fold", "1"], "--folds"),
     (["--fold", "0"], "--folds"),
+    (["--val-fraction", "0", "--folds", "3"], "--val-fraction"),
+    (["--time", "soon"], "--time"),
+    (["--time", "-5m"], "--time"),
     (["--folds", "3", "--fold", "3"], "--fold"),
     (["--optimizer", "sgd", "--momentum", "0", "--nesterov"], "--nesterov"),
     (["--optimizer", "adam", "--nesterov"], "--nesterov"),

@@ -3,6 +3,7 @@
 * the sliding-window engine against ``monai.inferers.sliding_window_inference``;
 * the soft Dice and Dice+CE losses against MONAI's ``DiceLoss`` / ``DiceCELoss``;
 * per-case Dice / IoU against medpy's ``dc`` / ``jc`` (nnU-Net's TP/FP/FN formulas);
+* HD95 / ASSD (one distance-transform pair, on a cropped box) against medpy and MONAI;
 * the way back to the source grid against a brute-force nearest-sample search;
 * a perfect prediction mapped back through the whole engine on the real BraTS cases.
 """
@@ -23,6 +24,7 @@ from mriseg.data.preprocess import PreprocessParams, inverse_taps, nearest_indic
 from mriseg.inference import InferenceSettings, predict_case, sliding_window
 from mriseg.labels import REGION_SCHEMES, Task
 from mriseg.losses import build_loss
+from mriseg.evaluate.scoring import score_masks
 from mriseg.metrics import confusion, dice_from_counts, iou_from_counts
 
 monai = pytest.importorskip("monai")
@@ -106,6 +108,40 @@ def test_dice_and_iou_equal_medpy(seed, p_pred, p_truth):
         return
     assert dice_from_counts(*counts) == pytest.approx(dc(pred, truth))
     assert iou_from_counts(*counts) == pytest.approx(jc(pred, truth))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0.02, 0.6), st.floats(0.02, 0.6),
+       st.sampled_from([(1.0, 1.0, 1.0), (0.9, 1.1, 3.0), (2.0, 0.5, 1.0)]))
+def test_hd95_and_assd_equal_medpy_on_the_whole_volume(seed, p_pred, p_truth, spacing):
+    from medpy.metric.binary import assd, hd95
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(3, 14, size=3))
+    # Blobs that may touch the volume's border, where the crop must not change the surface.
+    pred = rng.random(shape) < p_pred
+    truth = rng.random(shape) < p_truth
+    pred[0, 0, 0] = truth[-1, -1, -1] = True
+    scores = score_masks(pred, truth, spacing)
+    assert scores.hd95 == pytest.approx(hd95(pred, truth, voxelspacing=spacing), rel=1e-9)
+    assert scores.assd == pytest.approx(assd(pred, truth, voxelspacing=spacing), rel=1e-9)
+
+
+def test_hd95_is_at_most_monais_on_a_real_case():
+    """MONAI takes the larger of the two directed 95th percentiles; medpy (ours) pools both sets,
+    so ours can only be smaller or equal, and equal when the shift is the same both ways."""
+    from monai.metrics import compute_hausdorff_distance
+
+    case = REAL_BRATS / "brats_2013_pat0002_1" / "OTMultiClass.nii.gz"
+    if not case.exists():
+        pytest.skip("real BraTS cases not present")
+    truth = np.asarray(nib.load(case).dataobj) > 0
+    for pred in (np.roll(truth, 3, axis=0), np.pad(truth, 1)[2:, 1:-1, 1:-1]):
+        ours = score_masks(pred, truth, (1.0, 1.0, 1.0)).hd95
+        theirs = float(compute_hausdorff_distance(torch.from_numpy(pred)[None, None],
+                                                  torch.from_numpy(truth)[None, None], percentile=95))
+        assert ours <= theirs + 1e-6
+    assert score_masks(np.roll(truth, 3, axis=0), truth, (1.0, 1.0, 1.0)).hd95 == pytest.approx(3.0)
 
 
 # --- the way back to the source grid ------------------------------------------------------------

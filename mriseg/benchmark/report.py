@@ -21,13 +21,35 @@ def _group_times(profile: list[dict[str, float]], cut: int) -> list[tuple[float,
     return [(sum(r["forward_s"] for r in g), sum(r["backward_s"] for r in g)) for g in groups]
 
 
-def _entry(mode: str, config: BenchmarkConfig, times: Sequence[float], single_median: float | None,
+Baseline = tuple[str, float]
+"""(what a speed-up divides by, in words; that run's median step time in seconds)."""
+
+
+def _entry(mode: str, config: BenchmarkConfig, times: Sequence[float], baseline: Baseline, single_median: float,
            **extra: Any) -> dict[str, Any]:
     step = _percentiles(times)
     entry = {"mode": mode, "step_s": step, "samples_per_s": config.batch_size / step["median"],
-             "speedup": (single_median / step["median"]) if single_median else 1.0}
+             "speedup": baseline[1] / step["median"], "baseline": baseline[0],
+             "speedup_vs_single": single_median / step["median"]}
     entry.update(extra)
     return entry
+
+
+def _bound(config: BenchmarkConfig) -> float:
+    """The most a run on the configured devices can gain over one of them: one per device in use."""
+    return 1.0 if config.one_process else float(len(config.devices))
+
+
+def _baseline_entries(config: BenchmarkConfig, first: dict[str, Any], single: Baseline) -> list[dict[str, Any]]:
+    entries = []
+    for (name, micro_batches), run in first["baselines"].items():
+        mode = {"single": "single", "accumulated": "single, accumulated",
+                "two threads": "one process, 2 threads"}[name]
+        entries.append(_entry(mode, config, run["times"], single, single[1], devices=[config.devices[0]],
+                              micro_batches=micro_batches if name == "accumulated" else None,
+                              peak_memory_bytes=[run["peak"]], bytes_sent_per_step=0,
+                              bound=2.0 if name == "two threads" else None))  # one device: no bound
+    return entries
 
 
 def _report(config: BenchmarkConfig, ranks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -36,13 +58,13 @@ def _report(config: BenchmarkConfig, ranks: list[dict[str, Any]]) -> dict[str, A
     profiles: dict[int, list[dict[str, float]]] = first["profiles"]
     full = profiles[config.batch_size]
     single_median = statistics.median(first["single"]["times"])
+    single: Baseline = ("single (whole batch, one device)", single_median)
     cuts: dict[str, int] = first["cuts"]
     names = [r["name"] for r in full]
-    entries = [_entry("single", config, first["single"]["times"], single_median, devices=[config.devices[0]],
-                      peak_memory_bytes=[first["single"]["peak"]], bytes_sent_per_step=0)]
-    entries += [_split_entry(config, ranks, key, cuts, names, single_median) for key in first["runs"]]
+    entries = _baseline_entries(config, first, single)
+    entries += [_split_entry(config, ranks, key, cuts, names, single) for key in first["runs"]]
     if "data_parallel" in first:
-        entries.append(_data_parallel_entry(config, ranks, single_median))
+        entries.append(_data_parallel_entry(config, ranks, single))
     report: dict[str, Any] = {
         "model": config.model, "input_shape": [config.batch_size, config.channels, *config.input_size],
         "devices": config.devices,
@@ -57,14 +79,19 @@ def _report(config: BenchmarkConfig, ranks: list[dict[str, Any]]) -> dict[str, A
     }
     if len(config.devices) == 1 or config.one_process:
         report["projection"] = _projection(config, profiles, cuts, first["copy_bandwidth"], single_median)
-    report["conclusion"] = _conclusion(entries)
+    report["conclusion"] = _conclusion(config, entries)
     return report
 
 
 def _split_entry(config: BenchmarkConfig, ranks: list[dict[str, Any]], key: tuple[int, str, int],
-                 cuts: dict[str, int], names: list[str], single_median: float) -> dict[str, Any]:
-    """A naive or pipelined split: the step time is the slower rank's, per step."""
+                 cuts: dict[str, int], names: list[str], single: Baseline) -> dict[str, Any]:
+    """A naive or pipelined split: the step time is the slower rank's, per step. A pipeline is
+    compared with one device accumulating the same micro-batches (same per-chunk work); the naive
+    split with the whole batch on one device."""
     cut, schedule, micro_batches = key
+    accumulated = ranks[0]["baselines"].get(("accumulated", micro_batches))
+    baseline = single if accumulated is None else (
+        f"single, {micro_batches} micro-batches accumulated", statistics.median(accumulated["times"]))
     label = " = ".join(split for split, split_cut in cuts.items() if split_cut == cut)
     per_rank = [r["runs"][key] for r in ranks]
     times = [max(values) for values in zip(*(r["times"] for r in per_rank))]
@@ -72,11 +99,12 @@ def _split_entry(config: BenchmarkConfig, ranks: list[dict[str, Any]], key: tupl
     predicted = predicted_step_time(_group_times(micro_profile, cut), micro_batches, schedule)
     events = [e for r in per_rank for e in r["events"]]
     origin = min((e[3] for e in events), default=0.0)
-    entry = _entry("naive split" if schedule == "naive" else "pipelined", config, times, single_median, split=label,
+    entry = _entry("naive split" if schedule == "naive" else "pipelined", config, times, baseline, single[1],
+                   split=label, bound=_bound(config),
                    cut=cut, groups=[names[:cut], names[cut:]],
                    schedule=None if schedule == "naive" else schedule, micro_batches=micro_batches,
                    bubble_fraction=bubble_fraction(2, micro_batches),
-                   predicted_step_s=predicted, predicted_speedup=single_median / predicted,
+                   predicted_step_s=predicted, predicted_speedup=baseline[1] / predicted,
                    peak_memory_bytes=[r["peak"] for r in per_rank] if not config.one_process else [per_rank[0]["peak"]],
                    bytes_sent_per_step=sum(r["sent_forward"] + r["sent_backward"] for r in per_rank),
                    bytes_sent_forward=sum(r["sent_forward"] for r in per_rank),
@@ -87,13 +115,13 @@ def _split_entry(config: BenchmarkConfig, ranks: list[dict[str, Any]], key: tupl
     return entry
 
 
-def _data_parallel_entry(config: BenchmarkConfig, ranks: list[dict[str, Any]], single_median: float) -> dict[str, Any]:
+def _data_parallel_entry(config: BenchmarkConfig, ranks: list[dict[str, Any]], single: Baseline) -> dict[str, Any]:
     per_rank = [r["data_parallel"] for r in ranks]
     times = [max(values) for values in zip(*(r["times"] for r in per_rank))]
     dp_profile = ranks[0]["profiles"][math.ceil(config.batch_size / config.world_size)]
     predicted = sum(r["forward_s"] + r["backward_s"] for r in dp_profile)
-    entry = _entry("data parallel", config, times, single_median, micro_batches=None,
-                   predicted_step_s=predicted, predicted_speedup=single_median / predicted,
+    entry = _entry("data parallel", config, times, single, single[1], micro_batches=None, bound=_bound(config),
+                   predicted_step_s=predicted, predicted_speedup=single[1] / predicted,
                    peak_memory_bytes=[r["peak"] for r in per_rank],
                    bytes_sent_per_step=ranks[0]["data_parallel"]["allreduce_bytes"])
     entry["efficiency"] = entry["speedup"] / entry["predicted_speedup"]
@@ -143,7 +171,10 @@ def _projection(config: BenchmarkConfig, profiles: dict[int, list[dict[str, floa
             "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}
 
 
-def _conclusion(entries: list[dict[str, Any]]) -> list[str]:
+TWO_DEVICE_MODES = ("naive split", "pipelined", "data parallel", "one process, 2 threads")
+
+
+def _conclusion(config: BenchmarkConfig, entries: list[dict[str, Any]]) -> list[str]:
     lines = []
     by_mode: dict[str, list[dict[str, Any]]] = {}
     for entry in entries:
@@ -155,10 +186,22 @@ def _conclusion(entries: list[dict[str, Any]]) -> list[str]:
     if by_mode.get("pipelined"):
         best = max(by_mode["pipelined"], key=lambda e: e["speedup"])
         lines.append(f"best pipeline: {best['schedule']} with {best['micro_batches']} micro-batches, split "
-                     f"{best['split']}: {best['speedup']:.2f}x single, {best['efficiency']:.0%} of the "
-                     f"{best['predicted_speedup']:.2f}x its stage times predict")
+                     f"{best['split']}: {best['speedup']:.2f}x {best['baseline']} ({best['speedup_vs_single']:.2f}x "
+                     f"single), {best['efficiency']:.0%} of the {best['predicted_speedup']:.2f}x its stage times "
+                     "predict")
     if by_mode.get("data parallel"):
         lines.append(f"data parallel: {by_mode['data parallel'][0]['speedup']:.2f}x single")
+    for entry in entries:
+        if entry.get("bound") is not None and entry["speedup"] > entry["bound"] * 1.02:
+            lines.append(f"WARNING: {entry['mode']} measured {entry['speedup']:.2f}x {entry['baseline']}, above the "
+                         f"{entry['bound']:.1f}x bound of its devices: noise or a baseline that is not like for like")
+    candidates = [e for e in entries if e["mode"] in TWO_DEVICE_MODES]
+    if candidates:
+        fastest = min(candidates, key=lambda e: e["step_s"]["median"])
+        how = fastest["mode"] + (f" ({fastest['schedule']}, {fastest['micro_batches']} micro-batches)"
+                                 if fastest["mode"] == "pipelined" else "")
+        lines.append(f"fastest way to use both devices for {config.model} at batch {config.batch_size}: {how}, "
+                     f"{fastest['samples_per_s']:.2f} samples/s, {fastest['speedup_vs_single']:.2f}x one device")
     lines.append(DATA_PARALLEL_ADVICE)
     return lines
 
@@ -180,6 +223,12 @@ def run_benchmark(config: BenchmarkConfig, factory: ModelFactory | None = None) 
     with tempfile.TemporaryDirectory(prefix="mriseg-bench-") as folder:
         ranks = _launch(_Job(config, factory, folder))
     return _report(config, ranks)
+
+
+def _baseline_short(entry: dict[str, Any]) -> str:
+    if entry["mode"] == "single":
+        return "-"
+    return f"accum. m={entry['micro_batches']}" if "accumulated" in entry["baseline"] else "single"
 
 
 def _mib(value: float | None) -> str:
@@ -210,7 +259,7 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
                           f"{','.join(report['devices'])} ({report['device_note']})",
                     caption=f"step: median (p10-p90) of {report['steps']} steps; predicted: from the stage times; "
                             f"sent: bytes between devices per step; peak: {report['memory_kind']} per device")
-    columns = ("mode", "split", "schedule", "m", "step ms", "samples/s", "speed-up",
+    columns = ("mode", "split", "schedule", "m", "step ms", "samples/s", "speed-up", "over",
                "predicted", "bubble", "sent MiB", "peak MiB")
     for column in columns:
         results.add_column(column, justify="left" if column in ("mode", "split", "schedule") else "right")
@@ -221,7 +270,7 @@ def report_tables(report: dict[str, Any]) -> list[Any]:
             entry["mode"], entry.get("split", "-"), entry.get("schedule") or "-",
             str(entry.get("micro_batches") or "-"),
             f"{step['median'] * 1000:.0f} ({step['p10'] * 1000:.0f}-{step['p90'] * 1000:.0f})",
-            f"{entry['samples_per_s']:.2f}", f"{entry['speedup']:.2f}x",
+            f"{entry['samples_per_s']:.2f}", f"{entry['speedup']:.2f}x", _baseline_short(entry),
             "-" if predicted is None else f"{predicted:.2f}x",
             "-" if "bubble_fraction" not in entry else f"{entry['bubble_fraction']:.0%}",
             _mib(entry["bytes_sent_per_step"]), " / ".join(_mib(p) for p in entry["peak_memory_bytes"]))

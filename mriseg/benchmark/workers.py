@@ -154,23 +154,44 @@ def _timed_steps(config: BenchmarkConfig, device: torch.device, step: Callable[[
     return times
 
 
-def _run_single(job: _Job, device: torch.device) -> dict[str, Any]:
+def _run_single(job: _Job, device: torch.device, micro_batches: int = 1, threads: int = 1) -> dict[str, Any]:
+    """One device: the batch at once, or in ``micro_batches`` chunks with gradients accumulated (what
+    each pipeline stage computes), with ``threads`` CPU threads (1 is what each benchmark process gets)."""
     config = job.config
     model = _fresh_model(job).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     images, targets = _make_batch(config, device)
+    chunks = list(zip(images.tensor_split(micro_batches), targets.tensor_split(micro_batches)))
     dtype = _autocast_dtype(config)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(images)
-        _loss_fn(logits.float(), targets).backward()
+        for chunk_images, chunk_targets in chunks:
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = model(chunk_images)
+            (_loss_fn(logits.float(), chunk_targets) / micro_batches).backward()
         optimizer.step()
 
-    meter = _MemoryMeter(device)
-    times = _timed_steps(config, device, step, meter)
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        meter = _MemoryMeter(device)
+        times = _timed_steps(config, device, step, meter)
+    finally:
+        torch.set_num_threads(previous)
     return {"times": times, "peak": meter.peak(), "memory_kind": meter.kind}
+
+
+def _single_baselines(config: BenchmarkConfig) -> list[tuple[str, int, int]]:
+    """(name, micro-batches, threads) of every one-device run: the whole batch, the same micro-batches
+    as each pipeline accumulated, and, for two CPU processes, one process with both threads."""
+    runs = [("single", 1, 1)]
+    if len(config.devices) == 2:
+        runs += [("accumulated", m, 1) for m in sorted(set(config.micro_batches)) if m > 1]
+        if config.devices == ["cpu", "cpu"] and not config.one_process:
+            runs.append(("two threads", 1, 2))
+    return runs
 
 
 def _run_split(rank: int, job: _Job, device: torch.device, cut: int, micro_batches: int, schedule: str
@@ -257,18 +278,23 @@ def _run_all(rank: int, job: _Job, device: torch.device) -> dict[str, Any]:
         profiles = {size: profile_stages(stages, images[:size], targets[:size], device, repeats=3,
                                          autocast_dtype=_autocast_dtype(config))
                     for size in sizes}
-        info("single device")
-        single = _run_single(job, device)
-        payload = [{"profiles": profiles, "single": single, "cuts": _split_plan(config, profiles[config.batch_size])}]
+        baselines = {}
+        for name, micro_batches, threads in _single_baselines(config):
+            info(f"one device: {name}" + (f", {micro_batches} micro-batches" if micro_batches > 1 else ""))
+            baselines[(name, micro_batches)] = _run_single(job, device, micro_batches, threads)
+        single = baselines[("single", 1)]
+        payload = [{"profiles": profiles, "single": single, "baselines": baselines,
+                    "cuts": _split_plan(config, profiles[config.batch_size])}]
         boundary = max(sum(r["output_bytes"] for r in profiles[config.batch_size][:1]), 1)
         result["copy_bandwidth"] = copy_bandwidth(device, boundary)
     else:
         # The other ranks wait out rank 0's single-device runs at the same barriers.
-        for _ in range(config.warmup + config.steps):
+        for _ in range((config.warmup + config.steps) * len(_single_baselines(config))):
             dist.barrier()
     dist.broadcast_object_list(payload, src=0)
     shared = payload[0]
-    result.update(profiles=shared["profiles"], single=shared["single"], cuts=shared["cuts"])
+    result.update(profiles=shared["profiles"], single=shared["single"], baselines=shared["baselines"],
+                  cuts=shared["cuts"])
     if len(config.devices) < 2:
         return result
     for cut in sorted(set(shared["cuts"].values())):

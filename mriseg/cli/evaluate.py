@@ -31,7 +31,8 @@ def evaluate_command(
     empty: str = typer.Option("score", "--empty",
                               help="Empty-mask policy. score: both empty -> Dice 1, distances 0; one empty -> "
                                    "Dice 0, distances the image diagonal (BraTS: 373.13 mm). ignore: also leave "
-                                   "out cases whose truth is empty.",
+                                   "out cases whose truth is empty. nan: nnU-Net's mean (both-empty cases "
+                                   "left out, one empty scores 0).",
                               rich_help_panel="Scoring"),
     strict: bool = typer.Option(False, "--strict", help="Case ids present on one side only are an error.",
                                 rich_help_panel="Scoring"),
@@ -45,12 +46,20 @@ def evaluate_command(
                                    rich_help_panel="With --model"),
     tta: bool = typer.Option(False, "--tta", help="With --model: average predictions over flips.",
                              rich_help_panel="With --model"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp",
+                                       help="With --model: mixed precision (default: as predict's).",
+                                       rich_help_panel="With --model"),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                 help="With --model: channels-last memory format (default: as "
+                                                      "predict's).", rich_help_panel="With --model"),
     largest_component: bool = typer.Option(False, "--largest-component",
                                            help="With --model: keep only the largest tumour blob.",
                                            rich_help_panel="With --model"),
     interpolation: str = typer.Option("linear", "--interpolation",
                                       help="With --model: back to the source grid, linear or nearest.",
                                       rich_help_panel="With --model"),
+    workers: int = typer.Option(1, "--workers", help="Cases read and scored at once (PRED GT mode).",
+                                rich_help_panel="Scoring"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier results in --out.",
                                    rich_help_panel="Output"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout.",
@@ -64,12 +73,13 @@ def evaluate_command(
             raise typer.BadParameter("with --model give one labelled DATA folder", param_hint="PRED GT | DATA")
         result = evaluate_model(model, paths[0], out, regions=regions, empty=empty, overwrite=overwrite,
                                 modalities=modalities, device=device, batch_size=batch_size, tta=tta,
-                                largest_component=largest_component, interpolation=interpolation)
+                                largest_component=largest_component, interpolation=interpolation,
+                                amp=amp, channels_last=channels_last)
     else:
         if len(paths) != 2:
             raise typer.BadParameter("give PRED and GT, or --model RUN_DIR DATA", param_hint="PRED GT | DATA")
         result = evaluate(paths[0], paths[1], out, regions=regions, empty=empty, strict=strict,
-                          overwrite=overwrite, modalities=modalities)
+                          overwrite=overwrite, modalities=modalities, workers=workers)
     console.print(results_table(result))
     console.print(f"wrote {out / 'metrics.csv'}, {out / 'summary.json'}, {out / 'dsc.png'}", markup=False)
     if as_json:

@@ -32,12 +32,23 @@ def predict(
                                    rich_help_panel="Inference"),
     tta: bool = typer.Option(False, "--tta", help="Average predictions over all axis flips.",
                              rich_help_panel="Inference"),
-    amp: bool = typer.Option(False, "--amp", help="Mixed precision (float16 on CUDA, bfloat16 on CPU).",
-                             rich_help_panel="Inference"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp",
+                                       help="Mixed precision: bfloat16 (float16 on GPUs without it). Default: on "
+                                            "for CPUs with native bfloat16, else off.", rich_help_panel="Inference"),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                 help="Channels-last memory format (default: with the CPU's "
+                                                      "bfloat16 default).", rich_help_panel="Inference"),
     interpolation: str = typer.Option("linear", "--interpolation",
                                       help="Back to the source grid: linear (probabilities, then decoded there) "
                                            "or nearest (labels).", rich_help_panel="Inference"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps.", rich_help_panel="Inference"),
+    naming: Optional[str] = typer.Option(None, "--naming",
+                                         help="NIfTI mask names: mriseg (<case>_seg.nii.gz), nnunet or brats "
+                                              "(<case>.nii.gz). Default: nnunet for nnU-Net/MSD inputs, else mriseg.",
+                                         rich_help_panel="Output"),
+    subset: Optional[str] = typer.Option(None, "--subset",
+                                         help="An nnU-Net/MSD dataset root: predict imagesTs (the default when "
+                                              "present) or imagesTr.", rich_help_panel="Inference"),
     threshold: Optional[float] = typer.Option(None, help="Binary and region tasks: probability cut-off in (0, 1) "
                                               "(default: the checkpoint's, 0.5).",
                                     rich_help_panel="Post-processing"),
@@ -79,11 +90,13 @@ def predict(
 
     options = predict_module.PredictOptions(
         out=Path(out) if out is not None else predict_module.DEFAULT_OUT, overlap=overlap, batch_size=batch_size,
-        patch_size=parse_numbers(patch_size, "--patch-size", count=3), tta=tta, amp=amp, device=device,
+        patch_size=parse_numbers(patch_size, "--patch-size", count=3), tta=tta, amp=amp, channels_last=channels_last,
+        device=device,
         threshold=threshold,
         largest_component=largest_component, probabilities=probabilities, overlay=overlay,
         overlay_modality=overlay_modality, all_slices=all_slices, labels=Path(labels) if labels is not None else None,
-        gif=gif, gif_fps=fps, modalities=modalities, overwrite=overwrite, interpolation=interpolation)
+        gif=gif, gif_fps=fps, modalities=modalities, overwrite=overwrite, interpolation=interpolation,
+        naming=naming, subset=subset)
     options.check()  # every option's range, before the model is loaded
 
     def report(result: predict_module.CaseResult) -> None:

@@ -67,7 +67,11 @@ def train_command(
     augment: Optional[str] = typer.Option(None, "--augment", help="default, none, or e.g. flip,rotate=15,scale=0.05,"
                                                                   "elastic=4,intensity. (default: default)",
                                           rich_help_panel="Data and sampling"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="(default: 50)", rich_help_panel="Optimisation"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="(default: 50; with --time, as many as fit)",
+                                         rich_help_panel="Optimisation"),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="Wall-clock budget, e.g. 15m, 4h, 3:50:00: the "
+                                             "epochs and the lr schedule are fitted to it, and best.pt/last.pt are "
+                                             "written before it ends.", rich_help_panel="Optimisation"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per process. (default: 16)",
                                              rich_help_panel="Data and sampling"),
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch",
@@ -107,7 +111,8 @@ def train_command(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of patients for validation. "
                                                                               "(default: 0.2)",
                                                  rich_help_panel="Validation"),
-    split: Optional[str] = typer.Option(None, "--split", help='JSON file {"train": [ids], "val": [ids]}.',
+    split: Optional[str] = typer.Option(None, "--split", help='JSON file {"train": [ids], "val": [ids]}, or '
+                                        "nnU-Net's splits_final.json (a list of folds; --fold picks one).",
                                         rich_help_panel="Validation"),
     folds: Optional[int] = typer.Option(None, "--folds", help="K-fold cross-validation by patient.",
                                         rich_help_panel="Validation"),
@@ -116,10 +121,12 @@ def train_command(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. (default: auto)",
                                          rich_help_panel="Devices and speed"),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision: bf16, or fp16 with a grad "
-                                                                    "scaler where bf16 is missing.",
+                                                                    "scaler where bf16 is missing. (default: on "
+                                                                    "for CPUs with native bf16, else off)",
                                        rich_help_panel="Devices and speed"),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
-                                                 help="Channels-last memory format.",
+                                                 help="Channels-last memory format. (default: with "
+                                                      "the CPU's bf16 default)",
                                                  rich_help_panel="Devices and speed"),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model.",
                                                  rich_help_panel="Devices and speed"),
@@ -149,7 +156,7 @@ def train_command(
         "lr_patience": lr_patience, "lr_factor": lr_factor, "clip_grad": clip_grad, "patience": patience,
         "val_fraction": val_fraction, "split": split, "folds": folds, "fold": fold, "device": device, "amp": amp,
         "channels_last": channels_last, "compile": compile_model, "workers": workers, "seed": seed,
-        "log_every": log_every, "size": parse_numbers(size, "--size", count=(2, 3)), "modalities": modalities,
+        "log_every": log_every, "time_limit": time_limit, "size": parse_numbers(size, "--size", count=(2, 3)), "modalities": modalities,
     }
     given = {key: value for key, value in settings.items() if value is not None and value != {}}
     summary = train(data, model=model, out=out, resume=resume, overwrite=overwrite, **given)

@@ -104,9 +104,14 @@ def _label_info(records: list[dict], refs: dict[str, CaseRef]) -> dict[str, Any]
     for ref in refs.values():
         known.update(dict(ref.label_names))
     names_scheme = label_scheme(values, naming) if values else "none"
-    return {"values": values, "scheme": names_scheme, "values_original": original,
+    info = {"values": values, "scheme": names_scheme, "values_original": original,
             "scheme_original": scheme_original,
             "names": {str(k): v for k, v in label_names_for(values, names_scheme, known or None).items()}}
+    declared = next((ref for ref in refs.values() if ref.label_regions or ref.ignore_label is not None), None)
+    if declared is not None:  # nnU-Net's dataset.json: its regions and its ignore label
+        info["regions"] = {name: list(labels) for name, labels in declared.label_regions}
+        info["ignore"] = declared.ignore_label
+    return info
 
 
 def build_cache(source: str | Path, out: str | Path, params: PreprocessParams, layout: str | None = None,

@@ -1,12 +1,11 @@
 """``mriseg evaluate``: score predicted masks against the truth: per-volume Dice, IoU, HD95, ASSD and volumes.
 
-Overlap metrics come from voxel counts (the same formulas as ``medpy.metric``); the
-surface distances come from ``medpy.metric.binary.hd95`` and ``assd``, called on a box
-cropped around both masks (the distances are unchanged, the distance transform is much
-cheaper) and only when both masks are non-empty (one empty mask gets the image diagonal, the BraTS
-convention): medpy raises on an empty mask and its
-``dc`` returns NaN for two empty masks under NumPy 2, so empty masks follow an explicit
-policy instead (see :data:`EMPTY_POLICIES`).
+Overlap metrics come from voxel counts (the same formulas as ``medpy.metric``); HD95 and ASSD
+come from one pair of distance transforms per region (:func:`mriseg.metrics.hd95_and_assd`,
+medpy's definitions; the tests compare it with medpy), computed on a box cropped around both
+masks (the distances are unchanged, the transform is much cheaper) and only when both masks are
+non-empty (one empty mask gets the image diagonal, the BraTS convention). Empty masks follow an
+explicit policy (see :data:`EMPTY_POLICIES`). ``--workers N`` reads and scores N cases at once.
 
 A case is scored over its whole volume (all slices of a patient stacked), not as a
 mean over slices: a slice without tumour would otherwise weigh as much as the slice

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import numpy as np
 
 from mriseg.data.readers import case_id_from_name
 from mriseg.errors import BadInputError, MrisegError
+from mriseg.labels import Region
 from mriseg.log import warn
 
 
@@ -30,6 +31,7 @@ class MaskVolume:
     affine: np.ndarray | None
     path: Path                         # what to name in error messages
     spacing_known: bool = True
+    ignore_label: int | None = None    # truth voxels with this value count on neither side (nnU-Net's "ignore")
     values: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
@@ -171,8 +173,11 @@ class TruthSource:
     default_scheme: str
 
 
-def scheme_for_dataset(ref: Any) -> str:
-    """The ``--regions auto`` scheme of a dataset, from a reader's :class:`CaseRef`."""
+def scheme_for_dataset(ref: Any) -> str | tuple[Region, ...]:
+    """The ``--regions auto`` scheme of a dataset, from a reader's :class:`CaseRef` (nnU-Net
+    dataset.json region lists are scored as those regions)."""
+    if getattr(ref, "label_regions", ()):
+        return tuple(Region(name, tuple(labels)) for name, labels in ref.label_regions)
     if ref.layout == "brats":
         return "brats2023" if ref.naming == "brats2023" else "brats"
     if ref.layout == "msd":
@@ -192,7 +197,18 @@ def read_reference_labels(ref: Any) -> MaskVolume:
                           spacing_known=False)
     mask = read_mask(ref.label_paths[0])
     mask.case_id = ref.case_id
+    mask.ignore_label = getattr(ref, "ignore_label", None)
     return mask
+
+
+def without_ignored(pred: MaskVolume, truth: MaskVolume) -> tuple[MaskVolume, MaskVolume]:
+    """Both volumes with the truth's ignore-label voxels set to background on both sides, so they
+    are neither found nor missed (nnU-Net leaves them out of its counts)."""
+    if truth.ignore_label is None or truth.ignore_label not in truth.values:
+        return pred, truth
+    ignored = truth.labels == truth.ignore_label
+    return (replace(pred, labels=np.where(ignored, 0, pred.labels)),
+            replace(truth, labels=np.where(ignored, 0, truth.labels), ignore_label=None))
 
 
 def open_truth(root: Path, modalities: str | None = None) -> TruthSource:

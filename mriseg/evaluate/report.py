@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from mriseg.errors import BadInputError, MrisegError
 from mriseg.files import write_text_atomic
 from mriseg.labels import Region
 from mriseg.log import progress, warn
-from mriseg.evaluate.masks import MaskVolume
-from mriseg.evaluate.scoring import EMPTY_POLICIES, EMPTY_RULES, METRICS, NOT_EMPTY, RegionRow, labels_outside, regions_for_case, score_case
+from mriseg.evaluate.masks import MaskVolume, without_ignored
+from mriseg.evaluate.scoring import (EMPTY_POLICIES, EMPTY_RULES, METRICS, NOT_EMPTY, RegionRow, check_same_grid,
+                                     labels_outside, regions_for_case, score_case)
 
 
 
@@ -126,21 +128,56 @@ def match_case_ids(pred_ids: Iterable[str], truth_ids: Iterable[str],
     return matched, pred_only, truth_only
 
 
-def score_and_report(pairs: Iterable[tuple[MaskVolume, MaskVolume]], total: int,
+PairLoader = Callable[[], tuple[MaskVolume, MaskVolume]]
+"""Reads (or predicts) one case's (prediction, truth) when called, so workers can load in parallel."""
+
+
+@dataclass
+class _CaseResult:
+    case_id: str
+    rows: list[RegionRow]
+    unscored: list[int]          # non-zero labels no region covers
+    spacing_assumed: bool
+
+
+def _score_one(load: PairLoader, scheme: str | tuple[Region, ...], empty: str) -> _CaseResult:
+    pred, truth = load()
+    check_same_grid(pred, truth)
+    pred, truth = without_ignored(pred, truth)
+    return _CaseResult(truth.case_id, score_case(pred, truth, scheme, empty),
+                       labels_outside(regions_for_case(scheme, pred, truth), pred, truth),
+                       not truth.spacing_known and not pred.spacing_known)
+
+
+def _scored_cases(loaders: Iterable[PairLoader], scheme: str | tuple[Region, ...], empty: str,
+                  workers: int) -> Iterator[_CaseResult]:
+    """Each case's result in input order; with workers > 1, cases are read and scored in threads
+    (NIfTI decoding and the distance transforms release the GIL). Only the small results are kept."""
+    if workers <= 1:
+        yield from (_score_one(load, scheme, empty) for load in loaders)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(lambda load: _score_one(load, scheme, empty), loaders)
+
+
+def score_and_report(loaders: Iterable[PairLoader], total: int,
                      scheme: str | tuple[Region, ...], empty: str, out: Path,
-                     pred_only: Sequence[str] = (), truth_only: Sequence[str] = ()) -> EvaluationResult:
+                     pred_only: Sequence[str] = (), truth_only: Sequence[str] = (),
+                     workers: int = 1) -> EvaluationResult:
     """Score (prediction, truth) pairs and write metrics.csv, summary.json and dsc.png into ``out``."""
     from mriseg.viz import plot_dice_bars
 
     rows: list[RegionRow] = []
     assumed_spacing: list[str] = []
     unscored: dict[int, list[str]] = {}
-    for pred, truth in progress(pairs, total=total, description="scoring"):
-        if not truth.spacing_known and not pred.spacing_known:
-            assumed_spacing.append(truth.case_id)
-        rows.extend(score_case(pred, truth, scheme, empty))
-        for value in labels_outside(regions_for_case(scheme, pred, truth), pred, truth):
-            unscored.setdefault(value, []).append(truth.case_id)
+    for result in progress(_scored_cases(loaders, scheme, empty, workers), total=total,
+                           description="scoring"):
+        case_id = result.case_id
+        if result.spacing_assumed:
+            assumed_spacing.append(case_id)
+        rows.extend(result.rows)
+        for value in result.unscored:
+            unscored.setdefault(value, []).append(case_id)
     for value, cases in sorted(unscored.items()):
         warn(f"label {value} is in no scored region ({len(cases)} case(s), e.g. {cases[0]}): it counts as "
              "background; pass --regions to score it")

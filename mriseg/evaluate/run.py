@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,16 @@ from mriseg.errors import BadInputError, MrisegError
 from mriseg.files import refuse_output_over_inputs
 from mriseg.labels import Region, Task
 from mriseg.log import info, warn
-from mriseg.evaluate.masks import MaskVolume, find_mask_cases, open_truth, read_mask, scheme_for_dataset
+from mriseg.options import number
+from mriseg.evaluate.masks import MaskVolume, TruthSource, find_mask_cases, open_truth, read_mask, scheme_for_dataset
 from mriseg.evaluate.scoring import EMPTY_POLICIES, parse_regions
 from mriseg.evaluate.report import EvaluationResult, match_case_ids, prepare_output_folder, score_and_report
 
 
 
 def evaluate(pred: Path, truth: Path, out: Path, regions: str = "auto", empty: str = "score",
-             strict: bool = False, overwrite: bool = False, modalities: str | None = None) -> EvaluationResult:
+             strict: bool = False, overwrite: bool = False, modalities: str | None = None,
+             workers: int = 1) -> EvaluationResult:
     """Score the masks in ``pred`` against ``truth``, matched by case id; write the reports into ``out``.
 
     Args:
@@ -31,7 +34,9 @@ def evaluate(pred: Path, truth: Path, out: Path, regions: str = "auto", empty: s
         strict: make case ids present on one side only an error instead of a warning.
         overwrite: replace earlier results in ``out``.
         modalities: file-name map for a BraTS truth dataset, as for ``mriseg preprocess``.
+        workers: cases read and scored at once (threads).
     """
+    number("workers", workers, low=1, integer=True)
     if empty not in EMPTY_POLICIES:
         raise MrisegError(f"--empty {empty!r}: choose one of {', '.join(EMPTY_POLICIES)}")
     scheme = parse_regions(regions)
@@ -41,10 +46,16 @@ def evaluate(pred: Path, truth: Path, out: Path, regions: str = "auto", empty: s
     matched, pred_only, truth_only = match_case_ids(pred_cases, truth_source.case_ids, strict)
     if scheme == "auto":
         scheme = truth_source.default_scheme
-        info(f"label scheme: {scheme} (from the truth; change with --regions)")
+        described = scheme if isinstance(scheme, str) else "regions of dataset.json " + ", ".join(
+            f"{region.name}={list(region.labels or ())}" for region in scheme)
+        info(f"label scheme: {described} (from the truth; change with --regions)")
     prepare_output_folder(out, overwrite)
-    pairs = ((read_mask(pred_cases[case_id]), truth_source.read(case_id)) for case_id in matched)
-    return score_and_report(pairs, len(matched), scheme, empty, out, pred_only, truth_only)
+    loaders = [partial(_read_pair, pred_cases[case_id], truth_source, case_id) for case_id in matched]
+    return score_and_report(loaders, len(matched), scheme, empty, out, pred_only, truth_only, workers)
+
+
+def _read_pair(pred_path: Path, truth_source: TruthSource, case_id: str) -> tuple[MaskVolume, MaskVolume]:
+    return read_mask(pred_path), truth_source.read(case_id)
 
 
 
@@ -59,7 +70,8 @@ def scheme_from_task(task: Task) -> tuple[Region, ...] | None:
 def evaluate_model(model: Path, data: Path, out: Path, regions: str = "auto", empty: str = "score",
                    overwrite: bool = False, modalities: str | None = None, device: str = "auto",
                    batch_size: int = 8, tta: bool = False, largest_component: bool = False,
-                   interpolation: str = "linear") -> EvaluationResult:
+                   interpolation: str = "linear", amp: bool | None = None,
+                   channels_last: bool | None = None) -> EvaluationResult:
     """Predict every labelled case of ``data`` with ``model`` in memory and score it; nothing but the
     reports is written.
 
@@ -75,7 +87,8 @@ def evaluate_model(model: Path, data: Path, out: Path, regions: str = "auto", em
     if empty not in EMPTY_POLICIES:
         raise MrisegError(f"--empty {empty!r}: choose one of {', '.join(EMPTY_POLICIES)}")
     scheme = parse_regions(regions)
-    settings = InferenceSettings(batch_size=batch_size, tta=tta, interpolation=interpolation)
+    settings = InferenceSettings(batch_size=batch_size, tta=tta, interpolation=interpolation, amp=amp,
+                                 channels_last=channels_last)
     refuse_output_over_inputs(out, [data], nested=False)
     loaded = load_model(model, device)
     refs = list_cases(data, modalities=modalities)
@@ -106,4 +119,5 @@ def evaluate_model(model: Path, data: Path, out: Path, regions: str = "auto", em
                    MaskVolume(case.case_id, truth, case.spacing, case.affine, ref.label_paths[0],
                               spacing_known=known))
 
-    return score_and_report(pairs(), len(labelled), scheme, empty, out)
+    return score_and_report((partial(lambda pair: pair, pair) for pair in pairs()), len(labelled),
+                            scheme, empty, out)

@@ -11,7 +11,7 @@ import numpy as np
 
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.labels import REGION_SCHEMES, Region
-from mriseg.metrics import dice_from_counts, iou_from_counts, missing_distance
+from mriseg.metrics import dice_from_counts, hd95_and_assd, iou_from_counts, missing_distance
 from mriseg.evaluate.masks import MaskVolume
 
 
@@ -21,6 +21,8 @@ EMPTY_POLICIES = {
              "HD95 and ASSD the image diagonal (BraTS: 373.13 mm)",
     "ignore": "as 'score', but a region whose truth is empty is left out of every mean "
               "(MONAI's ignore_empty): false positives on tumour-free cases are not scored",
+    "nan": "nnU-Net's: both empty -> every metric undefined (NaN there), left out of the mean; exactly one "
+           "empty: Dice 0, IoU 0, HD95 and ASSD the image diagonal; means equal nnU-Net's nanmean",
 }
 """``--empty`` choices. Undefined values are written as empty CSV cells / JSON null and
 are left out of means, so no ``inf`` or NaN ever reaches a summary."""
@@ -71,8 +73,6 @@ def score_masks(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
         spacing: voxel size in mm per axis, so HD95 and ASSD are in mm and volumes in mL.
         empty: the empty-mask policy, a key of :data:`EMPTY_POLICIES`.
     """
-    from medpy.metric.binary import assd, hd95
-
     if empty not in EMPTY_POLICIES:
         raise MrisegError(f"unknown empty-mask policy {empty!r}; choose one of {', '.join(EMPTY_POLICIES)}")
     pred = np.asarray(pred).astype(bool, copy=False)
@@ -93,18 +93,16 @@ def score_masks(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
     counts = (overlap, pred_count - overlap, true_count - overlap)
     if pred_count and true_count:
         pred_box, truth_box = _crop_to_union(pred, truth)
-        spacing = tuple(float(s) for s in spacing)
+        hd95, assd = hd95_and_assd(pred_box, truth_box, spacing)
         return MaskScores(
-            dice=dice_from_counts(*counts), iou=iou_from_counts(*counts),
-            hd95=float(hd95(pred_box, truth_box, voxelspacing=spacing)),
-            assd=float(assd(pred_box, truth_box, voxelspacing=spacing)),
+            dice=dice_from_counts(*counts), iou=iou_from_counts(*counts), hd95=hd95, assd=assd,
             sensitivity=sensitivity, precision=precision, empty_rule=NOT_EMPTY, **volumes)
     if not pred_count and not true_count:
         rule, dice, distance = BOTH_EMPTY, 1.0, 0.0
     else:
         rule, dice = (PRED_EMPTY if true_count else TRUTH_EMPTY), 0.0
         distance = missing_distance(pred.shape, spacing)
-    if empty == "ignore" and not true_count:
+    if (empty == "ignore" and not true_count) or (empty == "nan" and rule == BOTH_EMPTY):
         dice, distance = None, None
     return MaskScores(dice=dice, iou=dice, hd95=distance, assd=distance,
                       sensitivity=sensitivity, precision=precision, empty_rule=rule, **volumes)

@@ -22,6 +22,7 @@ from torch import nn
 
 from mriseg.data.case import Case
 from mriseg.data.preprocess import INTERPOLATIONS, PreprocessParams, preprocess_case, restore_to_source
+from mriseg.devices import choose_precision
 from mriseg.errors import MrisegError
 from mriseg.inference.windows import IMPORTANCE, Predictor, sliding_window, slicewise, with_flips
 from mriseg.labels import Task
@@ -36,7 +37,8 @@ class InferenceSettings:
     batch_size: int = 8
     importance: str = "gaussian"
     tta: bool = False
-    amp: bool = False
+    amp: bool | None = None                      # None: the device's default (mriseg.devices.choose_precision)
+    channels_last: bool | None = None
     interpolation: str = "linear"                # back to the source grid: linear (soft) or nearest (labels)
 
     def __post_init__(self) -> None:
@@ -53,14 +55,19 @@ class InferenceSettings:
             raise MrisegError(f"--patch-size must be positive numbers, got {self.patch_size}")
 
 
-def network_predictor(network: nn.Module, amp: bool = False) -> Predictor:
-    """A batch in, full-resolution logits out: no gradients, eval-mode outputs, optional autocast
-    (bfloat16 on CPU, float16 on CUDA)."""
-    device_type = next(network.parameters()).device.type
-    dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+def network_predictor(network: nn.Module, settings: InferenceSettings, spatial_dims: int) -> Predictor:
+    """A batch in, full-resolution float32 logits out: no gradients, eval-mode outputs, and the
+    precision and memory format of :func:`mriseg.devices.choose_precision` (the network is moved
+    to that memory format in place)."""
+    device = next(network.parameters()).device
+    precision = choose_precision(device, settings.amp, settings.channels_last)
+    memory_format = precision.memory_format(spatial_dims)
+    precision.apply(network, spatial_dims)
 
     def predict_batch(batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(device_type, enabled=amp, dtype=dtype):
+        batch = batch.contiguous(memory_format=memory_format)
+        with torch.inference_mode(), torch.autocast(device.type, enabled=precision.dtype is not None,
+                                                    dtype=precision.dtype or torch.float32):
             output = network(batch)
         # Deep-supervision outputs in training mode are lists; the first head is full resolution.
         return (output[0] if isinstance(output, (list, tuple)) else output).float()
@@ -79,7 +86,7 @@ def predict_logits(network: nn.Module, image: np.ndarray | torch.Tensor, spatial
     was_training = network.training
     network.eval()
     device = next(network.parameters()).device
-    predictor = network_predictor(network, settings.amp)
+    predictor = network_predictor(network, settings, spatial_dims)
     if settings.tta:
         predictor = with_flips(predictor, spatial_dims)
     tensor = torch.as_tensor(np.asarray(image, dtype=np.float32)).to(device)

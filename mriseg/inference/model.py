@@ -5,6 +5,7 @@ Shared by ``predict`` and ``evaluate --model`` (neither command imports the othe
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, replace
@@ -109,10 +110,21 @@ def resolve_model_path(model: str | Path | None) -> Path:
             model = DEFAULT_RUN
     path = Path(model)
     if path.is_dir():
-        if not (path / "best.pt").is_file():
-            raise BadInputError(path, "run folder has no best.pt (did training finish an epoch?)")
-        path = path / "best.pt"
+        if (path / "best.pt").is_file():
+            return path / "best.pt"
+        if (path / "last.pt").is_file() and trained_without_validation(path):
+            info(f"model: {path / 'last.pt'} (the run trained on every case without validation)")
+            return path / "last.pt"
+        raise BadInputError(path, "run folder has no best.pt (did training finish an epoch?)")
     return path
+
+
+def trained_without_validation(run_dir: Path) -> bool:
+    """Whether the run's config.json lists no validation case (``train --val-fraction 0``)."""
+    try:
+        return json.loads((run_dir / "config.json").read_text()).get("val_cases") == []
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_model(model: str | Path | None, device: str = "auto") -> LoadedModel:

@@ -16,6 +16,13 @@ from mriseg.inference import InferenceSettings
 DEFAULT_OUT = Path("predictions")
 
 
+NAMINGS = {"mriseg": "{case}_seg.nii.gz", "nnunet": "{case}.nii.gz", "brats": "{case}.nii.gz"}
+"""``--naming``: the mask file of a NIfTI case (nnU-Net's evaluator and BraTS submissions want
+``<case>.nii.gz``); ``mriseg evaluate`` matches all of them."""
+
+SUBSETS = ("imagesTs", "imagesTr")
+
+
 @dataclass
 class PredictOptions:
     """Everything ``mriseg predict`` can be told besides its inputs and model (see the CLI help)."""
@@ -25,7 +32,8 @@ class PredictOptions:
     batch_size: int = 8
     patch_size: tuple[int, ...] | None = None
     tta: bool = False
-    amp: bool = False
+    amp: bool | None = None                      # None: the device's default (mriseg.devices.choose_precision)
+    channels_last: bool | None = None
     device: str = "auto"
     threshold: float | None = None               # None: the checkpoint's
     largest_component: bool = False
@@ -39,6 +47,8 @@ class PredictOptions:
     modalities: str | None = None
     overwrite: bool = False
     interpolation: str = "linear"
+    naming: str | None = None                    # None: nnunet for nnU-Net/MSD inputs, else mriseg
+    subset: str | None = None                    # nnU-Net/MSD dataset root: imagesTs (default if present) or imagesTr
 
     def check(self) -> None:
         """Every option's range, before any model is loaded or any input read."""
@@ -48,6 +58,10 @@ class PredictOptions:
         checks.number("fps", self.gif_fps, low=0.1, high=100.0)
         checks.sizes("patch_size", self.patch_size, count=3)
         checks.choice("interpolation", self.interpolation, INTERPOLATIONS)
+        if self.naming is not None:
+            checks.choice("naming", self.naming, tuple(NAMINGS))
+        if self.subset is not None:
+            checks.choice("subset", self.subset, SUBSETS)
         choose_device(self.device)
         self.inference()
 
@@ -55,7 +69,7 @@ class PredictOptions:
         """The engine's settings (validated there)."""
         return InferenceSettings(patch_size=self.patch_size or patch_size, overlap=self.overlap,
                                  batch_size=self.batch_size, tta=self.tta, amp=self.amp,
-                                 interpolation=self.interpolation)
+                                 channels_last=self.channels_last, interpolation=self.interpolation)
 
 
 @dataclass

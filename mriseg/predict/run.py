@@ -13,12 +13,13 @@ from typing import TextIO, TypeVar
 import torch
 
 from mriseg.data.case import Case
+from mriseg.devices import choose_precision
 from mriseg.data.readers import list_cases, read_case
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.files import check_writable_folder, refuse_output_over_inputs
 from mriseg.inference import LoadedModel, keep_largest_component, load_model, tumour_volume_ml
 from mriseg.log import info, progress
-from mriseg.predict.options import CaseResult, DEFAULT_OUT, PredictOptions
+from mriseg.predict.options import CaseResult, DEFAULT_OUT, NAMINGS, SUBSETS, PredictOptions
 from mriseg.predict.writers import slice_mask_names, write_outputs
 from mriseg.predict.pictures import labels_for_overlay, write_pictures
 
@@ -80,6 +81,7 @@ def predict(inputs: Sequence[str], model: str | Path | None = None, options: Pre
         paths = take_shard(paths, *shard)
         info(f"shard {shard[0]}/{shard[1]}: {len(paths)} input(s)")
     loaded = load_model(model, options.device)
+    info(f"precision: {choose_precision(loaded.device, options.amp, options.channels_last).describe()}")
     prepare_output_folder(options.out)
     results = []
     for path in progress(paths, description="predict"):
@@ -102,7 +104,9 @@ def predict_path(path: str, loaded: LoadedModel, options: PredictOptions) -> lis
     started = time.perf_counter()
     try:
         folder = Path(path)
-        refs = list_cases(folder, modalities=options.modalities) if folder.is_dir() else [folder]
+        subset = dataset_subset(folder, options.subset) if folder.is_dir() else None
+        refs = (list_cases(subset, layout="nnunet-images") if subset is not None else
+                list_cases(folder, modalities=options.modalities) if folder.is_dir() else [folder])
         if folder.is_dir() and len(refs) > 1:
             info(f"{path}: {len(refs)} cases")
     except MrisegError as error:
@@ -124,6 +128,23 @@ def predict_path(path: str, loaded: LoadedModel, options: PredictOptions) -> lis
         result.seconds = time.perf_counter() - started
         results.append(result)
     return results
+
+
+def dataset_subset(folder: Path, subset: str | None) -> Path | None:
+    """The images folder to predict when ``folder`` is an nnU-Net/MSD dataset root (else None):
+    ``--subset``, else ``imagesTs`` when it exists, else ``imagesTr``; said on stderr."""
+    present = [name for name in SUBSETS if (folder / name).is_dir()]
+    if not present:
+        if subset is not None:
+            raise BadInputError(folder, f"--subset {subset}: not an nnU-Net/MSD dataset (no imagesTr/ or imagesTs/)")
+        return None
+    chosen = subset or present[0]
+    if chosen not in present:
+        raise BadInputError(folder / chosen, f"--subset {chosen}: no such folder in this dataset")
+    other = [name for name in present if name != chosen]
+    info(f"{folder}: nnU-Net/MSD dataset; predicting {chosen}/" +
+         (f" (--subset {other[0]} predicts {other[0]}/)" if other else ""))
+    return folder / chosen
 
 
 def predict_case(case: Case, loaded: LoadedModel, options: PredictOptions) -> CaseResult:
@@ -163,13 +184,15 @@ def predicted(case: Case, loaded: LoadedModel, options: PredictOptions):
 def planned_outputs(case: Case, options: PredictOptions) -> dict[str, Path]:
     """Where each output of a case goes, so that existing files are found before any work.
 
-    NIfTI sources give ``OUT/<case>_seg.nii.gz``; slice stacks give ``OUT/<case>/`` with one
+    NIfTI sources give ``OUT/<case>_seg.nii.gz`` (``OUT/<case>.nii.gz`` with ``--naming nnunet|brats``,
+    the default for nnU-Net/MSD inputs); slice stacks give ``OUT/<case>/`` with one
     mask per source slice; single 2D images give ``OUT/<name>_mask.<ext>``.
     """
     out = options.out
     planned: dict[str, Path] = {}
     if case.affine is not None:
-        planned["mask"] = out / f"{case.case_id}_seg.nii.gz"
+        naming = options.naming or ("nnunet" if case.layout == "msd" else "mriseg")
+        planned["mask"] = out / NAMINGS[naming].format(case=case.case_id)
         if options.probabilities:
             planned["probabilities"] = out / f"{case.case_id}_probabilities.nii.gz"
     elif case.spatial_dims == 3:

@@ -27,7 +27,9 @@ from mriseg.devices import choose_device
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.files import refuse_output_over_inputs, write_json_atomic
 from mriseg.losses import deep_supervision_loss
-from mriseg.train.options import TrainOptions, default_spatial_dims
+from mriseg.train.budget import (CALIBRATION_STEPS, budget_for_run, format_seconds, parse_duration,
+                                 validation_estimate)
+from mriseg.train.options import EPOCHS_CAP, TrainOptions, default_spatial_dims
 from mriseg.train.run_folder import (RunFolder, library_versions, point_latest_at, prepare_run_dir, resolve_run_dir,
                                      resumed_options)
 from mriseg.train.sampling import StepBatches
@@ -52,8 +54,12 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
     unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainOptions)})
     if unknown:
         raise MrisegError(f"unknown training option(s): {', '.join(unknown)}")
-    if "fold" in settings and settings.get("folds") is None:
-        raise MrisegError(f"--fold {settings['fold']} needs --folds K (K-fold cross-validation by patient)")
+    started = time.monotonic()  # --time counts set-up and preprocessing too
+    if "fold" in settings and settings.get("folds") is None and not settings.get("split"):
+        raise MrisegError(f"--fold {settings['fold']} needs --folds K (K-fold cross-validation by patient) or a "
+                          "--split file with a list of folds (nnU-Net's splits_final.json)")
+    if "time_limit" in settings:
+        settings["time_limit"] = parse_duration(settings["time_limit"])
     # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -75,7 +81,7 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
             prepare_run_dir(run_dir, overwrite, resume)
         if world_size > 1:
             dist.barrier()
-        return run_training(data, run, options, checkpoint, device, rank, world_size, resume)
+        return run_training(data, run, options, checkpoint, device, rank, world_size, resume, started)
     except MrisegError:
         run.close()
         if rank == 0 and created and run_dir.is_dir() and not any(run_dir.iterdir()):
@@ -93,6 +99,10 @@ def fresh_options(model: str | None, settings: dict[str, Any], data: Any, run_di
     options = TrainOptions(**settings)
     if model is not None:
         options.model = model
+    if options.time_limit is not None and "epochs" not in settings:
+        options.epochs = EPOCHS_CAP  # the budget decides; --epochs N still caps it
+    if options.time_limit is not None and "schedule" not in settings:
+        options.schedule = "poly"    # decays to zero at the planned end, which the budget sets
     if "spatial_dims" not in settings:
         options.spatial_dims = default_spatial_dims(options.model)
     options.check()
@@ -102,9 +112,11 @@ def fresh_options(model: str | None, settings: dict[str, Any], data: Any, run_di
 
 
 def run_training(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | None, device: torch.device,
-                 rank: int, world_size: int, resume: bool) -> dict[str, Any]:
+                 rank: int, world_size: int, resume: bool, started: float | None = None) -> dict[str, Any]:
     """Set up, then per epoch: the steps, validation on whole volumes, checkpoints and early stop."""
+    budget = budget_for_run(options.time_limit, started or time.monotonic(), checkpoint)
     session = set_up(data, run, options, checkpoint, device, rank, world_size, resume)
+    session.budget = budget
     state = TrainingState.restore(checkpoint, session)
     start_run(session, state, data, resume)
     if state.epoch >= options.epochs:
@@ -132,10 +144,11 @@ def start_run(session: Session, state: TrainingState, data: Any, resume: bool) -
             "options": options.to_dict(), "task": task.to_dict(), "in_channels": len(session.cache.modalities),
             "modalities": session.cache.modalities, "preprocess": session.cache.manifest["params"],
             "train_cases": session.train_ids, "val_cases": session.val_ids, "device": str(session.device),
-            "world_size": session.world_size, "amp_dtype": str(session.amp_dtype) if session.amp_dtype else None,
+            "world_size": session.world_size, "precision": session.precision.describe(),
             "workers": session.workers, "versions": library_versions(),
             "started": datetime.datetime.now().isoformat(timespec="seconds")})
         point_latest_at(run.path)
+    run.say(f"precision: {session.precision.describe()}")
     run.say(session.description)
     run.say(f"run folder: {run.path}" + (f" (resuming at epoch {state.epoch + 1}, step {state.global_step})"
                                          if resume else ""))
@@ -143,7 +156,7 @@ def start_run(session: Session, state: TrainingState, data: Any, resume: bool) -
     run.say(f"{options.model} {options.spatial_dims}D, task {task.kind} ({', '.join(task.channel_names)}), "
             f"loss {options.loss}, {len(session.train_ids)} train / {len(session.val_ids)} val cases, "
             f"{options.steps_per_epoch} steps of {options.batch_size}{ranks} per epoch, device {session.device}"
-            f"{f', amp {session.amp_dtype}' if session.amp_dtype else ''}")
+            f"{f', amp {session.precision.dtype}' if session.precision.dtype else ''}")
 
 
 # --- the steps -------------------------------------------------------------------------------------
@@ -164,10 +177,13 @@ def run_epoch(session: Session, state: TrainingState, epoch: int, stop: StopRequ
     for step_in_epoch, batch in enumerate(batches, start=first_step):
         data_wait = time.monotonic() - step_end
         lr = session.schedule.at(state.global_step)
-        loss, stop_now = train_step(session, state, batch, lr, stop.requested, epoch)
+        out_of_time = session.budget is not None and session.budget.out_of_time()
+        loss, stop_now, time_up = train_step(session, state, batch, lr, stop.requested, epoch, out_of_time)
         state.global_step += 1
         losses.append(loss)
         step_time, step_end = time.monotonic() - step_end, time.monotonic()
+        if session.budget is not None:
+            note_step(session, state, epoch, step_time)
         run.record({"kind": "step", "step": state.global_step, "epoch": epoch + 1, "loss": loss, "lr": lr,
                     "step_time": round(step_time, 5), "data_wait": round(data_wait, 5)})
         if session.is_writer and not log.is_terminal() and state.global_step % options.log_every == 0:
@@ -180,12 +196,49 @@ def run_epoch(session: Session, state: TrainingState, epoch: int, stop: StopRequ
                 run.say(f"interrupted at step {state.global_step}; checkpoint written to {run.path / 'last.pt'}; "
                         f"continue with: mriseg train --resume --out {run.path}")
             raise KeyboardInterrupt
+        if time_up:
+            if session.is_writer:
+                run.say(f"time budget: ending epoch {epoch + 1} after step {step_in_epoch + 1} of "
+                        f"{options.steps_per_epoch} to validate and checkpoint before the deadline")
+            break
     return losses
 
 
+def note_step(session: Session, state: TrainingState, epoch: int, step_time: float) -> None:
+    """Count a step against the budget; after the calibration steps, plan the epochs that fit."""
+    budget = session.budget
+    budget.step_times.append(step_time)
+    budget.spent["steps"] += step_time
+    if len(budget.step_times) == CALIBRATION_STEPS + 1:
+        volumes = session.val_volumes
+        budget.validation_estimate = validation_estimate(
+            [tuple(v.image.shape[1:]) for v in volumes], [v.slices for v in volumes], session.options.spatial_dims,
+            session.options.batch_size, session.options.patch_size, budget.step_time())
+        plan_epochs(session, epoch, running=True)
+
+
+def plan_epochs(session: Session, epochs_done: int, running: bool = False) -> int:
+    """Fit the epochs to the time left (the same number on every rank; the running epoch counts as
+    one that fits, the out-of-time check cuts it short) and run the lr schedule to their end."""
+    options, budget = session.options, session.budget
+    planned = min(options.epochs, budget.epochs_that_fit(epochs_done, options.steps_per_epoch))
+    if session.world_size > 1:  # ranks time themselves; all follow the most cautious plan
+        agreed = torch.tensor([planned])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        planned = int(agreed.item())
+    planned = max(planned, epochs_done + 1) if running else planned
+    if planned > epochs_done and planned != session.planned_epochs and session.is_writer:
+        session.run.say(f"time budget: {format_seconds(budget.left())} left at {budget.step_time() * 1000:.0f} "
+                        f"ms/step; planning {planned} epochs of {options.steps_per_epoch} steps in all")
+    session.planned_epochs = max(planned, epochs_done)
+    session.schedule.total_steps = session.planned_epochs * options.steps_per_epoch
+    return planned
+
+
 def train_step(session: Session, state: TrainingState, batch: tuple[Tensor, Tensor, Tensor], lr: float,
-               stop_requested: bool, epoch: int) -> tuple[float, bool]:
-    """Forward, loss, backward, optimiser step; returns the loss averaged over ranks and the stop flag."""
+               stop_requested: bool, epoch: int, out_of_time: bool = False) -> tuple[float, bool, bool]:
+    """Forward, loss, backward, optimiser step; returns the loss averaged over ranks, the stop flag and
+    the out-of-time flag (each true on every rank when true on one)."""
     options, device = session.options, session.device
     images, labels, weights = (tensor.to(device, non_blocking=True) for tensor in batch)
     weights = weights if weights.numel() else None
@@ -193,7 +246,7 @@ def train_step(session: Session, state: TrainingState, batch: tuple[Tensor, Tens
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
             [options.seed, state.global_step, session.rank]).generate_state(1)[0]))
         images, labels, weights = augment_batch(images, labels, session.augment, generator, weights)
-    if options.channels_last:
+    if session.precision.channels_last:
         images = images.contiguous(memory_format=session.memory_format)
     targets = session.task.targets(labels)
     for group in session.optimizer.param_groups:
@@ -216,8 +269,8 @@ def train_step(session: Session, state: TrainingState, batch: tuple[Tensor, Tens
         patch = f", patch {options.patch_size}" if options.spatial_dims == 3 else ""
         raise MrisegError(f"{device} ran out of memory at batch size {options.batch_size}{patch}; "
                           "try a smaller --batch-size or --patch-size (or --amp)") from error
-    # one number per step, averaged over ranks; the stop flag travels with it
-    reduced = torch.tensor([loss.item(), float(stop_requested)])
+    # one number per step, averaged over ranks; the stop and out-of-time flags travel with it
+    reduced = torch.tensor([loss.item(), float(stop_requested), float(out_of_time)])
     if session.world_size > 1:
         dist.all_reduce(reduced)
         reduced[0] /= session.world_size
@@ -227,7 +280,7 @@ def train_step(session: Session, state: TrainingState, batch: tuple[Tensor, Tens
         kept = f"last good checkpoint kept: {last}" if last.exists() else "no checkpoint written yet"
         raise MrisegError(f"loss became {loss_value} at step {state.global_step + 1} (epoch {epoch + 1}); stopped, "
                           f"{kept}; try a lower --lr or --clip-grad")
-    return loss_value, reduced[1].item() > 0
+    return loss_value, reduced[1].item() > 0, reduced[2].item() > 0
 
 
 def centre_crop(tensor: Tensor, size: tuple[int, ...]) -> Tensor:
@@ -242,14 +295,45 @@ def centre_crop(tensor: Tensor, size: tuple[int, ...]) -> Tensor:
 # --- the end of an epoch and of the run ----------------------------------------------------------------
 
 def end_epoch(session: Session, state: TrainingState, epoch: int, losses: list[float], seconds: float) -> bool:
-    """Validate, update the best score, write checkpoints and the log line; True to stop early."""
-    options, run = session.options, session.run
-    records = validate(session.raw_model, session.val_volumes, session.task, session.loss_fn, options,
-                       session.amp_dtype is not None)
+    """Validate, update the best score, write checkpoints and the log line; True to stop."""
+    options, run, budget = session.options, session.run, session.budget
+    entry: dict[str, Any] = {"kind": "epoch", "step": state.global_step, "epoch": epoch + 1,
+                             "train_loss": float(np.mean(losses)) if losses else None}
+    improved = record_validation(session, state, entry) if session.val_ids else False
+    entry.update(lr=session.schedule.at(state.global_step), epoch_time=round(seconds, 3))
+    run.record(entry)
+    if session.is_writer:
+        written = time.monotonic()
+        if improved:
+            save_checkpoint(run.path / "best.pt", checkpoint_payload(session, state, epoch + 1, 0, training=False))
+        save_checkpoint(run.path / "last.pt", checkpoint_payload(session, state, epoch + 1, 0))
+        if budget is not None:
+            budget.checkpoint_writes.append(time.monotonic() - written)
+            budget.spent["checkpoints"] += budget.checkpoint_writes[-1]
+        say_epoch(session, entry, improved)
+    state.stopped_early = bool(session.val_ids and options.patience and state.epochs_without_gain >= options.patience)
+    if state.stopped_early and session.is_writer:
+        run.say(f"early stop: no gain in validation Dice for {options.patience} epochs")
+    if budget is not None and not state.stopped_early and epoch + 1 < options.epochs \
+            and plan_epochs(session, epoch + 1) <= epoch + 1:
+        if session.is_writer:
+            run.say(f"time budget: no further epoch fits in the {format_seconds(budget.left())} left")
+        return True
+    return state.stopped_early
+
+
+def record_validation(session: Session, state: TrainingState, entry: dict[str, Any]) -> bool:
+    """Validate every validation case, add the scores to ``entry`` and the state; True if improved."""
+    started = time.monotonic()
+    records = validate(session.raw_model, session.val_volumes, session.task, session.loss_fn, session.options,
+                       session.precision)
     if session.world_size > 1:  # validation cases are spread over the ranks
         gathered: list[list[dict]] = [[] for _ in range(session.world_size)]
         dist.all_gather_object(gathered, records)
         records = [record for part in gathered for record in part]
+    if session.budget is not None:
+        session.budget.validations.append(time.monotonic() - started)
+        session.budget.spent["validation"] += session.budget.validations[-1]
     dice = [record["dice"] for record in records]
     mean_dice, median_dice = float(np.mean(dice)), float(np.median(dice))
     per_region = dict(zip([region.name for region in session.task.scored_regions()],
@@ -257,50 +341,52 @@ def end_epoch(session: Session, state: TrainingState, epoch: int, losses: list[f
     session.schedule.end_epoch(mean_dice)
     improved = mean_dice > state.best_score
     if improved:
-        state.best_score, state.best_epoch, state.epochs_without_gain = mean_dice, epoch + 1, 0
+        state.best_score, state.best_epoch, state.epochs_without_gain = mean_dice, entry["epoch"], 0
     else:
         state.epochs_without_gain += 1
-    entry = {"kind": "epoch", "step": state.global_step, "epoch": epoch + 1,
-             "train_loss": float(np.mean(losses)) if losses else None,
-             "val_loss": float(np.mean([record["loss"] for record in records])),
-             "val_dice_mean": mean_dice, "val_dice_median": median_dice, "val_dice_channels": per_region,
-             "lr": session.schedule.at(state.global_step), "epoch_time": round(seconds, 3)}
-    run.record(entry)
-    if session.is_writer:
-        if improved:
-            save_checkpoint(run.path / "best.pt", checkpoint_payload(session, state, epoch + 1, 0, training=False))
-        save_checkpoint(run.path / "last.pt", checkpoint_payload(session, state, epoch + 1, 0))
-        say_epoch(session, entry, improved)
+    entry.update(val_loss=float(np.mean([record["loss"] for record in records])), val_dice_mean=mean_dice,
+                 val_dice_median=median_dice, val_dice_channels=per_region)
     state.last = {"val_dice_mean": mean_dice, "val_dice_median": median_dice, "val_dice_channels": per_region,
                   "val_cases": {r["case_id"]: r["dice"] for r in records}}
-    state.stopped_early = bool(options.patience and state.epochs_without_gain >= options.patience)
-    if state.stopped_early and session.is_writer:
-        run.say(f"early stop: no gain in validation Dice for {options.patience} epochs")
-    return state.stopped_early
+    return improved
 
 
 def say_epoch(session: Session, entry: dict[str, Any], improved: bool) -> None:
-    channels = entry["val_dice_channels"]
-    regions = " ".join(f"{n} {d:.4f}" for n, d in channels.items()) if len(channels) > 1 else ""
     train_loss = f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "n/a"
-    session.run.say(f"epoch {entry['epoch']}/{session.options.epochs} train loss {train_loss} val loss "
-                    f"{entry['val_loss']:.4f} val Dice mean {entry['val_dice_mean']:.4f} median "
-                    f"{entry['val_dice_median']:.4f} {regions}{' (best)' if improved else ''} "
+    total = session.options.epochs if session.budget is None else f"~{max(session.planned_epochs, entry['epoch'])}"
+    if "val_dice_mean" in entry:
+        channels = entry["val_dice_channels"]
+        regions = " ".join(f"{n} {d:.4f}" for n, d in channels.items()) if len(channels) > 1 else ""
+        validation = (f"val loss {entry['val_loss']:.4f} val Dice mean {entry['val_dice_mean']:.4f} median "
+                      f"{entry['val_dice_median']:.4f} {regions}{' (best)' if improved else ''} ")
+    else:
+        validation = "(no validation) "
+    session.run.say(f"epoch {entry['epoch']}/{total} train loss {train_loss} {validation}"
                     f"[{entry['epoch_time']:.1f} s]")
     session.run.plot()
 
 
 def finish(session: Session, state: TrainingState, epoch: int) -> dict[str, Any]:
-    """summary.json, the final curves and the closing line."""
-    run = session.run
+    """summary.json, the final curves and the closing line (with how the time budget was spent)."""
+    run, budget = session.run, session.budget
+    validated = bool(session.val_ids)
+    model_file = run.path / ("best.pt" if validated else "last.pt")
     summary = {"run_dir": str(run.path), "model": session.options.model, "task": session.task.kind,
-               "best_val_dice_mean": state.best_score, "best_epoch": state.best_epoch, "epochs_run": epoch + 1,
-               "stopped_early": state.stopped_early, "steps": state.global_step,
+               "best_val_dice_mean": state.best_score if validated else None,
+               "best_epoch": state.best_epoch if validated else None, "epochs_run": epoch + 1,
+               "stopped_early": state.stopped_early, "steps": state.global_step, "validated": validated,
                "seconds": round(time.monotonic() - session.started, 1), "device": str(session.device),
-               "world_size": session.world_size, "best_checkpoint": str(run.path / "best.pt"), "last": state.last}
+               "world_size": session.world_size, "best_checkpoint": str(model_file), "last": state.last}
+    if budget is not None:
+        summary.update(time_limit_s=budget.seconds, time_used_s=round(budget.used(), 1), time_account=budget.account())
     if session.is_writer:
         run.plot(force=True)
         write_json_atomic(run.path / "summary.json", summary)
-        run.say(f"done: best mean per-volume val Dice {state.best_score:.4f} at epoch {state.best_epoch}; "
-                f"{run.path / 'best.pt'}")
+        if budget is not None:
+            run.say(budget.account())
+        if validated:
+            run.say(f"done: best mean per-volume val Dice {state.best_score:.4f} at epoch {state.best_epoch}; "
+                    f"{model_file}")
+        else:
+            run.say(f"done: no validation was run (--val-fraction 0: every case trained); the model is {model_file}")
     return summary

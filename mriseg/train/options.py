@@ -19,6 +19,9 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 
 SCHEDULES = ("plateau", "step", "cosine", "poly", "constant")
 
+EPOCHS_CAP = 100_000
+"""The most epochs a run may ask for; also the cap of a ``--time`` run given no ``--epochs``."""
+
 # Ranges of the numeric options (integer options: low, high; real ones: low, high, open below, open above).
 INTEGER_RANGES = (("epochs", 1, 100_000), ("batch_size", 1, 65_536), ("steps_per_epoch", 1, 10_000_000),
                   ("lr_patience", 0, 100_000), ("patience", 0, 100_000), ("workers", 0, 256),
@@ -29,10 +32,11 @@ REAL_RANGES = {"lr": (0.0, 10.0, True, False), "weight_decay": (0.0, 10.0, False
                "momentum": (0.0, 1.0, False, True), "warmup_epochs": (0.0, 100_000.0, False, False),
                "lr_factor": (0.0, 1.0, True, False), "clip_grad": (0.0, None, True, False),
                "bce_weight": (0.0, 1.0, False, False), "uniform_share": (0.0, 1.0, False, False),
-               "foreground_share": (0.0, 1.0, False, False), "val_fraction": (0.0, 1.0, True, True)}
+               "foreground_share": (0.0, 1.0, False, False), "val_fraction": (0.0, 1.0, False, True)}
 
 # Options a resumed run may change; everything else comes from the run's config.json.
-RESUME_OVERRIDABLE = ("epochs", "patience", "device", "workers", "amp", "compile", "log_every")
+RESUME_OVERRIDABLE = ("epochs", "patience", "device", "workers", "amp", "channels_last", "compile", "log_every",
+                      "time_limit")
 
 
 @dataclass
@@ -69,12 +73,13 @@ class TrainOptions:
     folds: int | None = None
     fold: int = 0
     device: str = "auto"
-    amp: bool = False
-    channels_last: bool = False
+    amp: bool | None = None                      # None: the device's default (mriseg.devices.choose_precision)
+    channels_last: bool | None = None
     compile: bool = False
     workers: int | None = None
     seed: int = 0
     log_every: int = 10
+    time_limit: float | None = None              # seconds (CLI --time 15m); the epochs fit the budget
     size: tuple[int, ...] | None = None
     modalities: str | None = None
 
@@ -100,8 +105,12 @@ class TrainOptions:
         checks.sizes("size", self.size, count=(2, 3), largest=4096)
         if self.folds is not None and not 0 <= self.fold < self.folds:
             raise MrisegError(f"--fold must lie in 0..{self.folds - 1} for --folds {self.folds}, got {self.fold}")
-        if self.folds is None and self.fold != 0:
-            raise MrisegError(f"--fold {self.fold} needs --folds K (K-fold cross-validation by patient)")
+        if self.folds is None and self.fold != 0 and not self.split:
+            raise MrisegError(f"--fold {self.fold} needs --folds K (K-fold cross-validation by patient) or a "
+                              "--split file with a list of folds (nnU-Net's splits_final.json)")
+        if self.val_fraction == 0 and (self.folds or self.split):
+            raise MrisegError("--val-fraction 0 (train on every case) cannot be combined with --folds or --split")
+        checks.number("time_limit", self.time_limit, low=0.0, low_open=True, optional=True)
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
             raise MrisegError("--nesterov needs --optimizer sgd and --momentum above 0")
         if not isinstance(self.model_options, dict):

@@ -151,21 +151,40 @@ class StepBatches(Sampler[list[int]]):
             yield list(range(start, start + self.batch_size))
 
 
+def read_split_file(path: Path, fold: int) -> tuple[list[str], list[str]]:
+    """``{"train": [...], "val": [...]}``, or nnU-Net's ``splits_final.json`` (a list of such
+    objects, one per fold), from which ``fold`` is taken."""
+    try:
+        split = json.loads(path.read_text())
+        if isinstance(split, list):
+            if not split:
+                raise ValueError("the list of folds is empty")
+            if not 0 <= fold < len(split):
+                raise BadInputError(path, f"holds folds 0..{len(split) - 1}; --fold {fold} is not among them")
+            split = split[fold]
+        train_ids, val_ids = [str(c) for c in split["train"]], [str(c) for c in split["val"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BadInputError(path, "not a split file with 'train' and 'val' lists of case ids, or a list of "
+                                  f"them per fold as nnU-Net's splits_final.json ({error})") from error
+    return train_ids, val_ids
+
+
 def split_cases(case_ids: list[str], options: TrainOptions) -> tuple[list[str], list[str]]:
-    """Train / validation case ids, split by patient: ``--split``, ``--folds/--fold`` or ``--val-fraction``."""
+    """Train / validation case ids, split by patient: ``--split``, ``--folds/--fold`` or ``--val-fraction``
+    (0: every case trains, none validates)."""
     if options.split:
         path = Path(options.split)
-        try:
-            split = json.loads(path.read_text())
-            train_ids, val_ids = list(split["train"]), list(split["val"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise BadInputError(path, f"not a split file with 'train' and 'val' lists of case ids ({error})") from error
+        train_ids, val_ids = read_split_file(path, options.fold)
         unknown = sorted(set(train_ids + val_ids) - set(case_ids))
         if unknown:
             raise BadInputError(path, f"case ids not in the cache: {', '.join(unknown[:5])}")
         if set(train_ids) & set(val_ids):
             raise BadInputError(path, "a case is in both train and val")
+        if not train_ids or not val_ids:
+            raise BadInputError(path, f"the {'train' if not train_ids else 'val'} list is empty")
         return train_ids, val_ids
+    if options.val_fraction == 0:
+        return list(case_ids), []
     order = [case_ids[i] for i in np.random.default_rng(options.seed).permutation(len(case_ids))]
     if options.folds:
         if len(order) < options.folds:
@@ -186,7 +205,7 @@ def saved_split(run_dir: Path, labelled: list[str]) -> tuple[list[str], list[str
     path = run_dir / "config.json"
     saved = read_run_config(path)
     train_ids, val_ids = saved.get("train_cases"), saved.get("val_cases")
-    if not (isinstance(train_ids, list) and isinstance(val_ids, list) and train_ids and val_ids):
+    if not (isinstance(train_ids, list) and isinstance(val_ids, list) and train_ids):
         raise BadInputError(path, "has no train_cases / val_cases lists to resume with")
     missing = sorted(set(train_ids + val_ids) - set(labelled))
     if missing:

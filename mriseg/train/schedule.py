@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mriseg import log
+from mriseg.devices import Precision, choose_precision
 from mriseg.train.options import TrainOptions
 
 
@@ -56,16 +56,11 @@ def build_optimizer(parameters, options: TrainOptions) -> torch.optim.Optimizer:
     return optimizer_class(parameters, lr=options.lr, weight_decay=options.weight_decay)
 
 
-def precision(options: TrainOptions, device: torch.device) -> tuple[torch.dtype | None, torch.autocast,
+def precision(options: TrainOptions, device: torch.device) -> tuple[Precision, torch.autocast,
                                                                    torch.amp.GradScaler]:
-    """``--amp``: bfloat16 where the device has it (CPU, recent GPUs), else float16 with a grad scaler."""
-    amp_dtype = None
-    if options.amp and device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    elif options.amp and device.type == "cpu":
-        amp_dtype = torch.bfloat16
-    elif options.amp:
-        log.warn(f"--amp is not supported on {device.type}; training in float32")
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return amp_dtype, autocast, scaler
+    """The run's precision (:func:`mriseg.devices.choose_precision`: bfloat16 and channels-last by
+    default on CPUs with native bfloat16), its autocast context, and a grad scaler for float16."""
+    chosen = choose_precision(device, options.amp, options.channels_last)
+    autocast = torch.autocast(device.type, dtype=chosen.dtype or torch.float32, enabled=chosen.dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=chosen.dtype == torch.float16)
+    return chosen, autocast, scaler

@@ -21,6 +21,8 @@ from mriseg.losses import build_loss
 from mriseg.train.options import TrainOptions, default_patch_size
 from mriseg.train.run_folder import RunFolder, open_training_data
 from mriseg.train.sampling import TrainingSamples, load_volumes, saved_split, split_cases
+from mriseg.devices import Precision
+from mriseg.train.budget import Budget
 from mriseg.train.schedule import LearningRate, build_optimizer, precision
 from mriseg.train.validation import resolve_task
 
@@ -42,7 +44,7 @@ class Session:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: LearningRate
-    amp_dtype: torch.dtype | None
+    precision: Precision
     autocast: Any
     scaler: torch.amp.GradScaler
     loss_fn: Any
@@ -52,6 +54,8 @@ class Session:
     workers: int
     description: str
     started: float = field(default_factory=time.monotonic)
+    budget: Budget | None = None         # --time
+    planned_epochs: int = 0              # with --time: the epochs the budget holds (re-planned each epoch)
 
     @property
     def is_writer(self) -> bool:
@@ -59,7 +63,7 @@ class Session:
 
     @property
     def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.options.spatial_dims == 2 else torch.channels_last_3d
+        return self.precision.memory_format(self.options.spatial_dims)
 
 @dataclass
 class TrainingState:
@@ -93,8 +97,10 @@ def set_up(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | 
     torch.manual_seed(options.seed)
     cache, description = open_training_data(data, run.path, options, rank == 0)
     labelled = [case_id for case_id in cache.case_ids if cache.record(case_id).get("has_label")]
-    if len(labelled) < 2:
-        raise BadInputError(cache.path, f"needs at least 2 labelled cases to train and validate, has {len(labelled)}")
+    needed = 1 if options.val_fraction == 0 else 2
+    if len(labelled) < needed:
+        raise BadInputError(cache.path, f"needs at least 2 labelled cases to train and validate, has "
+                                        f"{len(labelled)} (--val-fraction 0 trains on every case without validation)")
     label_map = {int(k): int(v) for k, v in (cache.manifest["params"].get("label_map") or {}).items()}
     task = resolve_task(cache.label_info, options.task, options.ignore_index, cache.path, label_map)
     spatial_shape = cache.record(labelled[0])["shape"]
@@ -103,27 +109,28 @@ def set_up(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | 
     train_ids, val_ids = saved_split(run.path, labelled) if resume else split_cases(labelled, options)
     border = options.loss == "border-ce"
     train_volumes = load_volumes(cache, train_ids, options.spatial_dims, options.uniform_share, border,
-                                 options.ignore_index)
+                                 task.ignore_label if task.ignore_label is not None else options.ignore_index)
     val_volumes = load_volumes(cache, val_ids[rank::world_size], options.spatial_dims, options.uniform_share,
-                               border, options.ignore_index)
+                               border, task.ignore_label if task.ignore_label is not None else options.ignore_index)
     if options.steps_per_epoch is None:
         samples = sum(v.slices for v in train_volumes) if options.spatial_dims == 2 else 8 * len(train_volumes)
         options.steps_per_epoch = max(1, math.ceil(samples / (options.batch_size * world_size)))
+    chosen, autocast, scaler = precision(options, device)
     raw_model = build_network(options, len(cache.modalities), task, spatial_shape, checkpoint, run.path, device)
+    chosen.apply(raw_model, options.spatial_dims)
     model: nn.Module = raw_model
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
     if options.compile:
         model = torch.compile(model)
-    amp_dtype, autocast, scaler = precision(options, device)
     schedule = LearningRate(options.lr, options.schedule, options.epochs * options.steps_per_epoch,
                             round(options.warmup_epochs * options.steps_per_epoch), options.lr_patience,
                             options.lr_factor)
     return Session(options=options, run=run, device=device, rank=rank, world_size=world_size, cache=cache, task=task,
                    train_ids=train_ids, val_ids=val_ids, raw_model=raw_model, model=model,
                    optimizer=build_optimizer(raw_model.parameters(), options), schedule=schedule,
-                   amp_dtype=amp_dtype, autocast=autocast, scaler=scaler,
+                   precision=chosen, autocast=autocast, scaler=scaler,
                    loss_fn=build_loss(options.loss, task.activation, IGNORED, options.bce_weight),
                    augment=parse_augment(options.augment),
                    dataset=TrainingSamples(train_volumes, options.spatial_dims, options.patch_size,
@@ -150,8 +157,7 @@ def build_network(options: TrainOptions, in_channels: int, task: Task, spatial_s
                 raise BadInputError(run_dir / "last.pt", f"model has {checkpoint['model'][key]} {words}, "
                                                          f"the data {have}")
         network.load_state_dict(checkpoint["state_dict"])
-    memory_format = torch.channels_last if options.spatial_dims == 2 else torch.channels_last_3d
-    return network.to(device, memory_format=memory_format if options.channels_last else torch.preserve_format)
+    return network.to(device)
 
 def checkpoint_payload(session: Session, state: TrainingState, epoch: int, step_in_epoch: int,
                        training: bool = True) -> dict[str, Any]:
@@ -165,6 +171,7 @@ def checkpoint_payload(session: Session, state: TrainingState, epoch: int, step_
         "preprocess": cache.manifest["params"], "modalities": cache.modalities, "task": session.task.to_dict(),
         "label_info": cache.label_info, "patch_size": list(options.patch_size or []),
         "epoch": epoch, "best_score": state.best_score, "best_epoch": state.best_epoch,
+        "time_spent": session.budget.used() if session.budget is not None else None,
     }
     if training:
         device = session.device

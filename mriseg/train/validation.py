@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mriseg.devices import Precision
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.inference import InferenceSettings, predict_logits
 from mriseg.labels import Task, task_for_labels
@@ -22,7 +23,8 @@ def resolve_task(label_info: dict[str, Any], requested: str, ignore_index: int, 
     """The task the checkpoint stores (see :func:`mriseg.labels.task_for_labels`); the ignore label
     counts only when the cache holds it."""
     values = [int(v) for v in label_info.get("values", [])]
-    ignore = ignore_index if ignore_index in values else None
+    declared = label_info.get("ignore")  # nnU-Net dataset.json's "ignore" label
+    ignore = int(declared) if declared is not None else ignore_index if ignore_index in values else None
     try:
         return task_for_labels(label_info, requested, ignore, label_map)
     except MrisegError as error:
@@ -31,7 +33,7 @@ def resolve_task(label_info: dict[str, Any], requested: str, ignore_index: int, 
 
 @torch.no_grad()
 def validate(model: nn.Module, volumes: list[Volume], task: Task, loss_fn, options: TrainOptions,
-             amp: bool) -> list[dict[str, Any]]:
+             precision: Precision) -> list[dict[str, Any]]:
     """One record per volume: loss and per-volume Dice of each scored region, and their mean.
 
     The volume is predicted by the one inference engine (:func:`mriseg.inference.predict_logits`,
@@ -39,7 +41,8 @@ def validate(model: nn.Module, volumes: list[Volume], task: Task, loss_fn, optio
     checkpoint's validation Dice is what scoring it on the cached grid gives.
     """
     settings = InferenceSettings(patch_size=options.patch_size if options.spatial_dims == 3 else None,
-                                 batch_size=options.batch_size, amp=amp)
+                                 batch_size=options.batch_size, amp=precision.dtype is not None,
+                                 channels_last=precision.channels_last)
     records = []
     for volume in volumes:
         image, label = np.asarray(volume.image, dtype=np.float32), np.asarray(volume.label)

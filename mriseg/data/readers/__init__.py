@@ -9,6 +9,8 @@ Layouts (see ``docs/data-formats.md``):
   ``--modalities`` name map such as ``flair=Flair_subtrMeanDivStd,seg=OTMultiClass``.
 * ``msd``: Medical Segmentation Decathlon / nnU-Net raw: ``imagesTr/`` + ``labelsTr/``,
   4D NIfTI or ``_0000``-suffixed channel files, ``dataset.json`` for channel and label names.
+* ``nnunet-images``: a folder of nnU-Net channel files (``imagesTs/``), one case per ``CASE`` of
+  ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ...; channel names from the dataset.json above it.
 * ``pairs``: image/mask files (PNG, TIF, NIfTI) matched by name: sibling folders such as
   ``images/`` + ``masks/``, ``train_imgs/`` + ``train_mask/`` or ``train_images/`` + ``train_labels/``
   with equal stems, or ``<stem>`` + ``<stem>_mask`` in one folder.
@@ -36,7 +38,7 @@ from mriseg.data.readers.common import (CaseRef, binary_mask_from_255, case_id_f
                                         read_nifti_case, require_existing, strip_suffix)
 from mriseg.data.readers.detect import detect_layout, looks_like_dicom
 from mriseg.data.readers.lgg import list_lgg, read_lgg
-from mriseg.data.readers.msd import list_msd
+from mriseg.data.readers.msd import channel_group, list_image_folder, list_msd
 from mriseg.data.readers.pairs import list_pairs, read_pair
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.labels import label_names_for, label_scheme
@@ -55,6 +57,8 @@ LAYOUTS: dict[str, Layout] = {
     "lgg": Layout(lambda root, _: list_lgg(root), read_lgg),
     "brats": Layout(list_brats, lambda ref: read_nifti_case(ref, channels_last_4d=False), takes_modalities=True),
     "msd": Layout(lambda root, _: list_msd(root), lambda ref: read_nifti_case(ref, channels_last_4d=True)),
+    "nnunet-images": Layout(lambda root, _: list_image_folder(root),
+                            lambda ref: read_nifti_case(ref, channels_last_4d=True)),
     "pairs": Layout(lambda root, _: list_pairs(root), read_pair),
 }
 """The layouts mriseg reads, by name (``--layout``)."""
@@ -93,7 +97,11 @@ def list_cases(path: str | Path, layout: str | None = None,
 
 
 def single_file_ref(path: Path) -> CaseRef:
-    """A case of one file: a NIfTI (3D, or 4D channels last) or a 2D image."""
+    """A case of one file: a NIfTI (3D, or 4D channels last) or a 2D image; an nnU-Net channel file
+    (``CASE_0000.nii.gz``) stands for its whole case, every channel file beside it."""
+    group = channel_group(path) if is_nifti(path) else None
+    if group is not None:
+        return group
     if is_nifti(path) or is_2d_image(path):
         return CaseRef(case_id=strip_suffix(path.name)[0], layout="pairs", image_paths=(path,))
     if looks_like_dicom(path):

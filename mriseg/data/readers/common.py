@@ -35,6 +35,9 @@ class CaseRef:
     modalities: tuple[str, ...] = ()
     label_names: tuple[tuple[int, str], ...] = ()
     naming: str = ""
+    label_regions: tuple[tuple[str, tuple[int, ...]], ...] = ()   # nnU-Net dataset.json region lists
+    ignore_label: int | None = None                               # nnU-Net dataset.json "ignore"
+    allowed_labels: tuple[int, ...] = ()                          # every value dataset.json declares
 
     @property
     def source_paths(self) -> list[Path]:
@@ -306,11 +309,11 @@ def read_nifti_case(ref: CaseRef, channels_last_4d: bool) -> Case:
         check_same_grid(path, label_affine, reference, affine)
         if set(np.unique(label).tolist()) == {0, 255}:  # a binary mask saved as 0/255
             label = binary_mask_from_255(label, path)
-        if ref.layout == "msd" and ref.label_names:
-            unknown = sorted(set(np.unique(label).tolist()) - {value for value, _ in ref.label_names})
+        if ref.layout == "msd" and ref.allowed_labels:
+            unknown = sorted(set(np.unique(label).tolist()) - set(ref.allowed_labels))
             if unknown:
                 raise BadInputError(path, f"label values {unknown} are not among the labels of dataset.json "
-                                          f"({sorted(value for value, _ in ref.label_names)})")
+                                          f"({list(ref.allowed_labels)})")
     modalities = list(ref.modalities) if len(ref.modalities) == image.shape[0] else \
         [f"channel{c}" for c in range(image.shape[0])]
     geometry = dict(geometry)

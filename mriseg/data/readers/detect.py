@@ -24,6 +24,16 @@ def nifti_files(folder: Path) -> list[Path]:
     return [p for p in visible_files(folder) if is_nifti(p)]
 
 
+NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def is_channel_folder(folder: Path) -> bool:
+    """Every NIfTI file directly in ``folder`` is an nnU-Net channel file, and some case has channel 0000."""
+    stems = [strip_suffix(f.name)[0] for f in nifti_files(folder)]
+    matches = [NNUNET_CHANNEL.match(stem) for stem in stems]
+    return bool(stems) and all(matches) and any(m["channel"] == "0000" for m in matches if m)
+
+
 IMAGE_FOLDER_WORDS = re.compile(r"images|imgs|image|img")
 MASK_FOLDER_WORDS = re.compile(r"masks|mask|labels|label|segmentations|segs|seg")
 
@@ -84,6 +94,8 @@ def layout_of(path: Path, subdirs: list[Path]) -> str | None:
     """The layout ``path`` (with its sub-folders ``subdirs``) is in, judged by file names; None if none."""
     if "imagesTr" in {d.name for d in subdirs}:
         return "msd"
+    if is_channel_folder(path):
+        return "nnunet-images"
     if folder_pairs(path):
         return "pairs"
     if lgg_patient_files(path) or any(lgg_patient_files(d) for d in subdirs):

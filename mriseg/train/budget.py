@@ -1,0 +1,154 @@
+"""Training to a deadline (``--time 15m``): measure the run's own step time, fit the epochs to the
+budget, end every epoch in time to validate and checkpoint before the deadline.
+
+The budget counts from the start of ``train()`` (set-up and preprocessing included) and, on
+``--resume``, continues from the seconds the run has already spent (stored in last.pt). All
+ranks of a torchrun job stop at the same step: the out-of-time flag travels with the loss in
+the step's all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mriseg.errors import MrisegError
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+
+
+def parse_duration(text: str | float | int, option: str = "--time") -> float:
+    """``90``, ``90s``, ``15m``, ``4h``, ``1h30m``, ``3:50:00`` or ``50:00`` -> seconds (positive)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        value = str(text).strip().lower()
+        try:
+            if ":" in value:
+                parts = [float(p) for p in value.split(":")]
+                if len(parts) > 3 or any(p < 0 for p in parts):
+                    raise ValueError
+                seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+            elif re.fullmatch(r"\d+(\.\d+)?", value):
+                seconds = float(value)
+            elif re.fullmatch(rf"(?:{_PART.pattern})+", value):
+                seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(value))
+            else:
+                raise ValueError
+        except ValueError:
+            raise MrisegError(f"{option} takes a duration such as 90s, 15m, 4h, 1h30m or 3:50:00, "
+                              f"got {text!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise MrisegError(f"{option} must be a positive duration, got {text!r}")
+    return seconds
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{rest:02d}s" if hours else f"{minutes}m{rest:02d}s"
+
+
+CALIBRATION_STEPS = 5
+"""Steps (after the first, which pays for warm-up) whose time plans the first epochs."""
+
+
+@dataclass
+class Budget:
+    """Where the time goes and whether the next piece of work still fits."""
+
+    seconds: float
+    started: float                      # time.monotonic() at the start of this process's train()
+    spent_before: float = 0.0           # seconds earlier sessions of a resumed run used
+    validation_estimate: float = 0.0    # seconds, until a validation has been timed
+    spent: dict[str, float] = field(default_factory=lambda: {"steps": 0.0, "validation": 0.0, "checkpoints": 0.0})
+    step_times: list[float] = field(default_factory=list)
+    validations: list[float] = field(default_factory=list)
+    checkpoint_writes: list[float] = field(default_factory=list)
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.seconds - self.spent_before
+
+    def used(self, now: float | None = None) -> float:
+        return self.spent_before + ((now or time.monotonic()) - self.started)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def step_time(self) -> float | None:
+        """The median of the steps after the first (warm-up), once there are any."""
+        timed = self.step_times[1:] or self.step_times
+        return float(np.median(timed)) if timed else None
+
+    def reserve(self) -> float:
+        """Seconds to keep for the end of an epoch: validation, last.pt + best.pt, the final plot."""
+        validation = max(self.validations) if self.validations else self.validation_estimate
+        checkpoint = max(self.checkpoint_writes) if self.checkpoint_writes else 1.0
+        recent = max(self.step_times[-10:][1:] or self.step_times[-1:] or [0.0])
+        return 1.25 * validation + 2 * checkpoint + 2 * max(self.step_time() or 0.0, recent) + 1.0
+
+    def out_of_time(self) -> bool:
+        """True when one more step would eat into the time the end of the epoch needs."""
+        return self.left() <= self.reserve()
+
+    def epochs_that_fit(self, epochs_done: int, steps_per_epoch: int) -> int:
+        """Total epochs (done + still to run) the remaining time holds at the measured speeds."""
+        step = self.step_time()
+        if step is None:
+            return epochs_done + 1
+        validation = max(self.validations) if self.validations else self.validation_estimate
+        checkpoint = max(self.checkpoint_writes) if self.checkpoint_writes else 1.0
+        per_epoch = steps_per_epoch * step + 1.25 * validation + 2 * checkpoint
+        return epochs_done + max(0, int((self.left() - 1.0) // per_epoch))
+
+    def account(self) -> str:
+        """One line for the log: how the budget was spent."""
+        used = self.used()
+        other = used - self.spent_before - sum(self.spent.values())
+        parts = [f"{len(self.step_times)} steps {format_seconds(self.spent['steps'])}",
+                 f"{len(self.validations)} validations {format_seconds(self.spent['validation'])}",
+                 f"checkpoints {format_seconds(self.spent['checkpoints'])}",
+                 f"set-up and the rest {format_seconds(other)}"]
+        if self.spent_before:
+            parts.insert(0, f"earlier sessions {format_seconds(self.spent_before)}")
+        margin = self.seconds - used
+        end = f"{format_seconds(margin)} before the deadline" if margin >= 0 else \
+            f"{format_seconds(-margin)} AFTER the deadline"
+        return f"time budget {format_seconds(self.seconds)}: {', '.join(parts)}; ended {end}"
+
+
+def validation_estimate(volume_shapes: list[tuple[int, ...]], slices: list[int], spatial_dims: int,
+                        batch_size: int, patch_size: tuple[int, ...] | None, step_time: float) -> float:
+    """Seconds one validation may take, before one has been timed: a forward pass per batch of
+    slices (2D) or windows (3D), counted at half a training step (a forward is about a third)."""
+    from mriseg.inference.windows import window_starts
+
+    if spatial_dims == 2:
+        batches = sum(math.ceil(n / batch_size) for n in slices)
+    else:
+        batches = 0
+        for shape in volume_shapes:
+            patch = patch_size or shape
+            windows = math.prod(len(window_starts(size, min(p, size), 0.5)) for size, p in zip(shape, patch))
+            batches += math.ceil(windows / batch_size)
+    return 0.5 * step_time * batches
+
+
+def budget_for_run(seconds: float | None, started: float, checkpoint: dict | None) -> Budget | None:
+    """The run's budget (None without ``--time``); a resumed run continues from the time it spent."""
+    if seconds is None:
+        return None
+    spent = float((checkpoint or {}).get("time_spent") or 0.0)
+    if spent >= seconds:
+        raise MrisegError(f"the run has already used {format_seconds(spent)} of its --time "
+                          f"{format_seconds(seconds)}; pass a larger --time to train further")
+    return Budget(seconds=seconds, started=started, spent_before=spent)
