@@ -155,7 +155,7 @@ def test_nan_policy_gives_nnunets_nanmean(tmp_path):
 
 def test_unknown_empty_policy_is_an_error():
     with pytest.raises(MrisegError):
-        score_masks(np.ones(3, bool), np.ones(3, bool), (1,), empty="nan")
+        score_masks(np.ones(3, bool), np.ones(3, bool), (1,), empty="drop")
 
 
 def test_summary_counts_each_empty_rule_and_keeps_means_finite(tmp_path):

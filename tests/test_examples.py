@@ -196,6 +196,13 @@ def test_multinode_script_takes_the_rendezvous_from_slurm(stand_ins, tmp_path):
     assert not (tmp_path / "record" / "scontrol").exists()
 
 
+def test_multinode_script_passes_a_time_budget(stand_ins, tmp_path):
+    result = run(["bash", str(EXAMPLES / "train_slurm_multinode.sbatch"), "cache", str(tmp_path / "run")],
+                 env={**stand_ins, **SLURM_JOB, "MRISEG_TIME": "23h"})
+    assert result.returncode == 0, result.stderr
+    assert mriseg_arguments(tmp_path / "record")[-2:] == ["--time", "23h"]
+
+
 @pytest.mark.parametrize("new_checkpoint", [True, False], ids=["new-checkpoint", "no-new-checkpoint"])
 def test_multinode_script_requeues_only_after_progress(stand_ins, tmp_path, new_checkpoint):
     run_dir = tmp_path / "run"

@@ -103,6 +103,8 @@ def fresh_options(model: str | None, settings: dict[str, Any], data: Any, run_di
         options.epochs = EPOCHS_CAP  # the budget decides; --epochs N still caps it
     if options.time_limit is not None and "schedule" not in settings:
         options.schedule = "poly"    # decays to zero at the planned end, which the budget sets
+    if options.time_limit is not None and "patience" not in settings:
+        options.patience = 0         # the budget, not a plateau, ends the run (as nnU-Net: no early stop)
     if "spatial_dims" not in settings:
         options.spatial_dims = default_spatial_dims(options.model)
     options.check()
