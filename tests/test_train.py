@@ -155,7 +155,8 @@ def test_ddp_two_processes_on_cpu_only_rank_zero_writes(lgg_cache, tmp_path):
 
 def test_regions_3d_and_multiclass_2d(brats_cache, tmp_path):
     regions = train(brats_cache, model="unet", out=tmp_path / "regions", spatial_dims=3, patch_size=(16, 16, 16),
-                    epochs=1, steps_per_epoch=2, loss="dice-ce", val_fraction=0.34, **{**TINY, "batch_size": 2})
+                    epochs=1, steps_per_epoch=2, loss="dice-ce", val_fraction=0.34, amp=False,
+                    **{**TINY, "batch_size": 2})  # float32: this run hit a NaN loss once under bf16 (issue filed in note)
     assert regions["task"] == "regions"
     assert set(regions["last"]["val_dice_channels"]) == {"WT", "TC", "ET"}
     task = load_checkpoint(tmp_path / "regions" / "best.pt")["task"]
