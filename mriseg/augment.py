@@ -140,7 +140,7 @@ def _sampling_grid(shape: tuple[int, ...], config: AugmentConfig, generator: tor
 
 
 def augment_batch(images: Tensor, labels: Tensor, config: AugmentConfig, generator: torch.Generator,
-                  weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                  weights: Tensor | None = None, slices: int = 1) -> tuple[Tensor, Tensor, Tensor | None]:
     """Randomly transform a batch.
 
     Args:
@@ -149,6 +149,8 @@ def augment_batch(images: Tensor, labels: Tensor, config: AugmentConfig, generat
         config: transform ranges.
         generator: CPU generator the random parameters are drawn from.
         weights: optional float ``(N, *spatial)`` per-voxel loss weights, moved with the labels.
+        slices: 2.5D input (:mod:`mriseg.inference.context`): the channels are this many blocks of
+            the same modalities, which get the same intensity gain and shift, as one scan would.
 
     Returns:
         ``(images, labels, weights)`` on the input's device, same shapes and dtypes.
@@ -170,7 +172,8 @@ def augment_batch(images: Tensor, labels: Tensor, config: AugmentConfig, generat
                                     padding_mode="border", align_corners=False).squeeze(1).to(weights.dtype)
     if config.intensity_shift or config.intensity_scale:
         view = (count, channels, *[1] * len(spatial))
-        gain = (1 + _uniform(count, config.intensity_scale, generator, (channels,))).view(view)
-        shift = _uniform(count, config.intensity_shift, generator, (channels,)).view(view)
+        modalities = channels // slices
+        gain = (1 + _uniform(count, config.intensity_scale, generator, (modalities,))).repeat(1, slices).view(view)
+        shift = _uniform(count, config.intensity_shift, generator, (modalities,)).repeat(1, slices).view(view)
         images = images * gain.to(device, images.dtype) + shift.to(device, images.dtype)
     return images, labels, weights

@@ -101,6 +101,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     """Rebuild the network described by a loaded checkpoint and load its weights (in eval mode)."""
+    from mriseg.inference.context import set_slice_context
     from mriseg.models import build_model
 
     source = checkpoint.get("path", "checkpoint")
@@ -110,6 +111,10 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
                             spatial_dims=model_info["spatial_dims"], **(model_info.get("options") or {}))
     except (MrisegError, KeyError, TypeError, ValueError) as error:  # e.g. a name not in the registry
         raise BadInputError(source, f"cannot rebuild model {model_info['name']!r}: {_first_line(error)}") from error
+    context = model_info.get("context", 0)
+    if not isinstance(context, int) or context < 0 or (context and model_info["spatial_dims"] != 2):
+        raise BadInputError(source, f"checkpoint model context {context!r} is not a number of slices of a 2D model")
+    set_slice_context(model, context)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:

@@ -117,10 +117,14 @@ def test_preprocess_survives_random_interruptions(tmp_path):
             interrupted += 1
         _, stderr = process.communicate(timeout=120)
         expected_codes = {130 if signal_number == signal.SIGINT else -signal_number}
-        if json.loads((cache / "manifest.json").read_text())["complete"]:
+        finished = json.loads((cache / "manifest.json").read_text())["complete"]
+        if finished:
             expected_codes |= {0, -signal_number}  # the signal came as the finished run was exiting
         assert process.returncode in expected_codes, stderr
-        assert "Traceback" not in stderr, stderr
+        # a signal in the interpreter's own shutdown (torch's atexit finaliser), after the run had
+        # finished its work, is Python's report, not the program's
+        teardown = finished and "Exception ignored in atexit callback" in stderr
+        assert "Traceback" not in stderr or teardown, stderr
         assert_consistent(cache, reference)
     assert interrupted == len(INTERRUPTIONS), "a run ended before its signal: kill points too late"
 

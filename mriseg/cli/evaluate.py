@@ -21,9 +21,11 @@ def evaluate_command(
                                             "id; GT may be a labelled dataset); with --model, one labelled DATA."),
     out: Path = typer.Option(Path("evaluation"), "--out", "-o",
                              help="Folder for metrics.csv, summary.json and dsc.png.", rich_help_panel="Output"),
-    model: Optional[Path] = typer.Option(None, "--model",
-                                         help="Run folder or checkpoint: predict DATA in memory and score it.",
-                                         rich_help_panel="With --model"),
+    model: Optional[list[Path]] = typer.Option(None, "--model", metavar="RUN",
+                                               help="Run folder or checkpoint: predict DATA in memory and score "
+                                                    "it. Repeat it, or give a folder of folds (train --folds), "
+                                                    "for an ensemble that averages the probabilities.",
+                                               rich_help_panel="With --model"),
     regions: str = typer.Option("auto", "--regions",
                                 help="auto | binary | labels | brats | brats2023 | msd | NAME=1,2;NAME=4 "
                                      "(auto: the dataset's or the checkpoint's regions, else binary).",
@@ -68,10 +70,11 @@ def evaluate_command(
     """Per-volume Dice, IoU, HD95, ASSD, sensitivity, precision and volumes, with a Dice bar plot."""
     from mriseg.evaluate import evaluate, evaluate_model, results_table
 
-    if model is not None:
+    if model:
         if len(paths) != 1:
             raise typer.BadParameter("with --model give one labelled DATA folder", param_hint="PRED GT | DATA")
-        result = evaluate_model(model, paths[0], out, regions=regions, empty=empty, overwrite=overwrite,
+        result = evaluate_model(model if len(model) > 1 else model[0], paths[0], out, regions=regions, empty=empty,
+                                overwrite=overwrite,
                                 modalities=modalities, device=device, batch_size=batch_size, tta=tta,
                                 largest_component=largest_component, interpolation=interpolation,
                                 amp=amp, channels_last=channels_last)

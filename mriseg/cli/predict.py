@@ -18,9 +18,10 @@ from mriseg.options import parse_numbers
 def predict(
     inputs: list[str] = typer.Argument(..., help="NIfTI files, case or patient folders, 2D images, globs; "
                                                  "- reads one path per line from stdin."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Run folder or .pt checkpoint "
-                                        "(default: $MRISEG_MODEL, else runs/latest).",
-                                        rich_help_panel="Model and output"),
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", metavar="RUN", help="Run folder or .pt checkpoint "
+                                              "(default: $MRISEG_MODEL, else runs/latest). Repeat it, or give a "
+                                              "folder of folds (train --folds), for an ensemble that averages "
+                                              "the probabilities.", rich_help_panel="Model and output"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Output folder (default: ./predictions/).",
                                       rich_help_panel="Model and output"),
     overlap: float = typer.Option(0.5, min=0.0, max=0.95, help="3D models: overlap of sliding windows.",
@@ -107,7 +108,8 @@ def predict(
         if result.status != "ok":
             console.print(f"error: {result.error}", markup=False, style="red", soft_wrap=True)
 
-    results = predict_module.predict(inputs, model=model, options=options,
+    chosen = (model if len(model) > 1 else model[0]) if model else None
+    results = predict_module.predict(inputs, model=chosen, options=options,
                                      shard=predict_module.parse_shard(shard) if shard else None, on_result=report)
     failed = sum(result.status != "ok" for result in results)
     if results and failed == len(results):  # each failure already had its error line

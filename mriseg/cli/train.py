@@ -52,15 +52,20 @@ def train_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder.",
                                    rich_help_panel="Run folder"),
     model_options: Optional[str] = typer.Option(None, "--model-options",
-                                                help="Model options: JSON or key=value,... e.g. features=16.",
+                                                help="Model options: JSON or key=value,... e.g. features=16. "
+                                                     "(default: the model's; features=16 for the 2D unet on a CPU)",
                                                 rich_help_panel="Model"),
     dims: Optional[int] = typer.Option(None, "--dims", help="2: slices of volumes; 3: patches. (default: 2)",
                                        rich_help_panel="Model"),
+    context: Optional[int] = typer.Option(None, "--context", rich_help_panel="Model",
+                                          help="2D models: K neighbouring slices on each side as extra input "
+                                               "channels (2.5D), in training, validation and prediction alike. "
+                                               "(default: 0)"),
     task: Optional[str] = typer.Option(None, "--task", help="auto, binary, multiclass or regions. (default: auto)",
                                        rich_help_panel="Task and loss"),
     ignore_index: Optional[int] = typer.Option(None, "--ignore-index", rich_help_panel="Task and loss",
                                                help="Label ignored by multi-class losses. (default: 255)"),
-    loss: Optional[str] = typer.Option(None, "--loss", help=f"{LOSS_HELP}. (default: dice)",
+    loss: Optional[str] = typer.Option(None, "--loss", help=f"{LOSS_HELP}. (default: dice-ce)",
                                        rich_help_panel="Task and loss"),
     bce_weight: Optional[float] = typer.Option(None, "--bce-weight", help="BCE share of bce-dice. (default: 0.5)",
                                                rich_help_panel="Task and loss"),
@@ -72,7 +77,7 @@ def train_command(
     time_limit: Optional[str] = typer.Option(None, "--time", help="Wall-clock budget, e.g. 15m, 4h, 3:50:00: the "
                                              "epochs and the lr schedule are fitted to it, and best.pt/last.pt are "
                                              "written before it ends.", rich_help_panel="Optimisation"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per process. (default: 16)",
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Per process. (default: 16; 8 for the 2D unet on a CPU)",
                                              rich_help_panel="Data and sampling"),
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch",
                                                   help="(default: 2D: training slices / batch; 3D: 8 patches per case)",
@@ -87,7 +92,7 @@ def train_command(
                                                      rich_help_panel="Data and sampling"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw or sgd. (default: adam)",
                                             rich_help_panel="Optimisation"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="(default: 1e-3)", rich_help_panel="Optimisation"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="(default: 1e-3; 3e-3 for the 2D unet on a CPU)", rich_help_panel="Optimisation"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="(default: 0)",
                                                  rich_help_panel="Optimisation"),
     momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum. (default: 0.9)",
@@ -114,9 +119,12 @@ def train_command(
     split: Optional[str] = typer.Option(None, "--split", help='JSON file {"train": [ids], "val": [ids]}, or '
                                         "nnU-Net's splits_final.json (a list of folds; --fold picks one).",
                                         rich_help_panel="Validation"),
-    folds: Optional[int] = typer.Option(None, "--folds", help="K-fold cross-validation by patient.",
+    folds: Optional[int] = typer.Option(None, "--folds", help="K-fold cross-validation by patient: one run "
+                                        "per fold in OUT/fold_0 ..., trained in turn (--time is shared among "
+                                        "them); predict/evaluate take OUT as their ensemble.",
                                         rich_help_panel="Validation"),
-    fold: Optional[int] = typer.Option(None, "--fold", help="Which fold validates (0..K-1). (default: 0)",
+    fold: Optional[int] = typer.Option(None, "--fold", help="Train only this fold (0..K-1) into OUT/fold_K, "
+                                       "e.g. one Slurm array task per fold. (default: every fold)",
                                        rich_help_panel="Validation"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. (default: auto)",
                                          rich_help_panel="Devices and speed"),
@@ -147,7 +155,7 @@ def train_command(
     from mriseg.train import train
 
     settings = {
-        "model_options": _model_options(model_options), "spatial_dims": dims, "task": task,
+        "model_options": _model_options(model_options), "spatial_dims": dims, "context": context, "task": task,
         "ignore_index": ignore_index, "loss": loss, "bce_weight": bce_weight, "augment": augment, "epochs": epochs,
         "batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
         "patch_size": parse_numbers(patch_size, "--patch-size"), "uniform_share": uniform_share,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -67,7 +67,7 @@ def scheme_from_task(task: Task) -> tuple[Region, ...] | None:
     return task.scored_regions() if task.label_map else None
 
 
-def evaluate_model(model: Path, data: Path, out: Path, regions: str = "auto", empty: str = "score",
+def evaluate_model(model: Path | Sequence[Path], data: Path, out: Path, regions: str = "auto", empty: str = "score",
                    overwrite: bool = False, modalities: str | None = None, device: str = "auto",
                    batch_size: int = 8, tta: bool = False, largest_component: bool = False,
                    interpolation: str = "linear", amp: bool | None = None,

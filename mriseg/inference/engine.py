@@ -24,6 +24,7 @@ from mriseg.data.case import Case
 from mriseg.data.preprocess import INTERPOLATIONS, PreprocessParams, preprocess_case, restore_to_source
 from mriseg.devices import choose_precision
 from mriseg.errors import MrisegError
+from mriseg.inference.context import slice_context, volume_with_context
 from mriseg.inference.windows import IMPORTANCE, Predictor, sliding_window, slicewise, with_flips
 from mriseg.labels import Task
 
@@ -90,6 +91,9 @@ def predict_logits(network: nn.Module, image: np.ndarray | torch.Tensor, spatial
     if settings.tta:
         predictor = with_flips(predictor, spatial_dims)
     tensor = torch.as_tensor(np.asarray(image, dtype=np.float32)).to(device)
+    context = slice_context(network)
+    if spatial_dims == 2 and context and (tensor.ndim == 3 or slice_axis is not None):
+        tensor = volume_with_context(tensor, slice_axis, context)  # 2.5D: neighbours as channels
     axis_ok = getattr(getattr(network, "size_rule", None), "axis_ok", None)
     margin = output_margin(network)
     try:
@@ -120,6 +124,15 @@ def background_fill(task: Task, channels: int) -> list[float]:
     return [1.0 if task.activation == "softmax" and channel == 0 else 0.0 for channel in range(channels)]
 
 
+@dataclass(frozen=True)
+class Member:
+    """One network of an ensemble, with its own dimensionality and settings (e.g. its training patch)."""
+
+    network: nn.Module
+    spatial_dims: int
+    settings: InferenceSettings
+
+
 def predict_case(case: Case, network: nn.Module, task: Task, params: PreprocessParams, spatial_dims: int,
                  settings: InferenceSettings) -> CasePrediction:
     """Preprocess as in training, predict, and decode on the source grid.
@@ -127,13 +140,27 @@ def predict_case(case: Case, network: nn.Module, task: Task, params: PreprocessP
     ``case`` must already hold the checkpoint's channels in its order. The crop box comes from
     the image alone: labels beside the input never change what is predicted.
     """
+    return predict_ensemble_case(case, [Member(network, spatial_dims, settings)], task, params, settings.interpolation)
+
+
+def predict_ensemble_case(case: Case, members: Sequence[Member], task: Task, params: PreprocessParams,
+                          interpolation: str = "linear") -> CasePrediction:
+    """:func:`predict_case` for several networks trained on the same preprocessing and task (e.g.
+    the folds of a cross-validation): their probabilities are averaged on the preprocessed grid,
+    then resampled and decoded once, as ``nnUNetv2_ensemble`` averages probabilities."""
+    if not members:
+        raise MrisegError("an ensemble needs at least one model")
     image, _, record = preprocess_case(replace(case, label=None), params)
-    logits = predict_logits(network, image, spatial_dims, case.slice_axis, settings)
-    probabilities = task.probabilities(logits[None])[0].numpy()
-    soft = restore_to_source(probabilities, record, fill=background_fill(task, probabilities.shape[0]),
-                             interpolation=settings.interpolation)
+    total: torch.Tensor | None = None
+    for member in members:
+        logits = predict_logits(member.network, image, member.spatial_dims, case.slice_axis, member.settings)
+        probabilities = task.probabilities(logits[None])[0]
+        total = probabilities if total is None else total.add_(probabilities)
+    assert total is not None
+    mean = (total / len(members)).numpy()
+    soft = restore_to_source(mean, record, fill=background_fill(task, mean.shape[0]), interpolation=interpolation)
     return CasePrediction(labels=task.decode(soft), probabilities=soft, record=record)
 
 
 __all__: Sequence[str] = ("InferenceSettings", "CasePrediction", "network_predictor", "predict_logits",
-                          "predict_case", "background_fill", "output_margin")
+                          "predict_case", "predict_ensemble_case", "Member", "background_fill", "output_margin")

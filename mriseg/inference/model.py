@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from functools import cached_property
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from mriseg.data.case import Case
 from mriseg.data.preprocess import PreprocessParams
 from mriseg.devices import choose_device
 from mriseg.errors import BadInputError, MrisegError
-from mriseg.inference.engine import CasePrediction, InferenceSettings, predict_case
+from mriseg.inference.engine import CasePrediction, InferenceSettings, Member, predict_ensemble_case
 from mriseg.labels import Task
 from mriseg.log import info
 
@@ -34,12 +35,18 @@ GENERIC_CHANNEL_NAME = re.compile(r"^(channel\d+|image)$")
 
 @dataclass
 class LoadedModel:
-    """A checkpoint and its network, ready to predict."""
+    """A checkpoint and its network, ready to predict; with ``others``, the first model of an
+    ensemble (its records describe them all: :func:`check_ensemble`)."""
 
     path: Path
     checkpoint: dict
     network: torch.nn.Module
     device: torch.device
+    others: tuple["LoadedModel", ...] = ()
+
+    @property
+    def members(self) -> list["LoadedModel"]:
+        return [self, *self.others]
 
     @property
     def spatial_dims(self) -> int:
@@ -68,6 +75,16 @@ class LoadedModel:
         return int(self.checkpoint["model"]["in_channels"])
 
     @property
+    def context(self) -> int:
+        """Neighbouring slices on each side a 2.5D model sees (0: plain 2D or 3D)."""
+        return int(self.checkpoint["model"].get("context", 0))
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the image the model reads (its input channels without the 2.5D neighbours)."""
+        return self.in_channels // (2 * self.context + 1)
+
+    @property
     def patch_size(self) -> tuple[int, ...] | None:
         """The 3D training patch (None: training saw whole volumes, so inference does too)."""
         patch = self.checkpoint.get("patch_size")
@@ -86,29 +103,22 @@ class LoadedModel:
     def predict(self, case: Case, settings: InferenceSettings, threshold: float | None = None) -> CasePrediction:
         """The case's channels matched to the checkpoint's, then :func:`~mriseg.inference.predict_case`
         (with the training patch unless ``settings`` names one, and ``threshold`` if given)."""
-        selected = select_modalities(case, self.modalities, self.in_channels)
-        if settings.patch_size is None and self.patch_size is not None:
-            settings = replace(settings, patch_size=self.patch_size)
+        selected = select_modalities(case, self.modalities, self.image_channels)
         task = self.task if threshold is None else replace(self.task, threshold=threshold)
-        return predict_case(selected, self.network, task, self.params, self.spatial_dims, settings)
+        members = [Member(m.network, m.spatial_dims, m.settings_for(settings)) for m in self.members]
+        return predict_ensemble_case(selected, members, task, self.params, settings.interpolation)
+
+    def settings_for(self, settings: InferenceSettings) -> InferenceSettings:
+        """``settings`` with this model's training patch unless they name one."""
+        if settings.patch_size is None and self.patch_size is not None:
+            return replace(settings, patch_size=self.patch_size)
+        return settings
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
     """The checkpoint to use: ``model`` (a .pt file or run folder), else ``$MRISEG_MODEL``,
     else ``runs/latest``. Prints which default was taken."""
-    if model is None:
-        from_env = os.environ.get("MRISEG_MODEL")
-        if from_env:
-            info(f"model: {from_env} (from $MRISEG_MODEL)")
-            model = from_env
-        else:
-            if not DEFAULT_RUN.exists():
-                raise MrisegError(f"no model given, $MRISEG_MODEL is not set and {DEFAULT_RUN}/ does not exist: "
-                                  "train one with `mriseg train`, or run `mriseg demo` for a small one, "
-                                  "then pass --model RUN_DIR_OR_CHECKPOINT")
-            info(f"model: {DEFAULT_RUN} (default: the newest run)")
-            model = DEFAULT_RUN
-    path = Path(model)
+    path = Path(model) if model is not None else default_model()
     if path.is_dir():
         if (path / "best.pt").is_file():
             return path / "best.pt"
@@ -119,6 +129,20 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
+def default_model() -> Path:
+    """``$MRISEG_MODEL``, else ``runs/latest``; says which it took."""
+    from_env = os.environ.get("MRISEG_MODEL")
+    if from_env:
+        info(f"model: {from_env} (from $MRISEG_MODEL)")
+        return Path(from_env)
+    if not DEFAULT_RUN.exists():
+        raise MrisegError(f"no model given, $MRISEG_MODEL is not set and {DEFAULT_RUN}/ does not exist: "
+                          "train one with `mriseg train`, or run `mriseg demo` for a small one, "
+                          "then pass --model RUN_DIR_OR_CHECKPOINT")
+    info(f"model: {DEFAULT_RUN} (default: the newest run)")
+    return DEFAULT_RUN
+
+
 def trained_without_validation(run_dir: Path) -> bool:
     """Whether the run's config.json lists no validation case (``train --val-fraction 0``)."""
     try:
@@ -127,15 +151,73 @@ def trained_without_validation(run_dir: Path) -> bool:
         return False
 
 
-def load_model(model: str | Path | None, device: str = "auto") -> LoadedModel:
-    """Find, read, check and rebuild the model (see :func:`resolve_model_path`)."""
-    path = resolve_model_path(model)
-    checkpoint = load_checkpoint(path)
+def model_paths(model: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    """The checkpoints of ``model``: one (:func:`resolve_model_path`), or several for an ensemble:
+    a list of run folders / .pt files, or a folder of folds (``train --folds``: ``fold_*/``)."""
+    entries = [default_model()] if model is None else [model] if isinstance(model, (str, Path)) else list(model)
+    if not entries:
+        raise MrisegError("no model given")
+    paths = []
+    for entry in entries:
+        folds = fold_runs(Path(entry))
+        if folds:
+            info(f"model: {entry}: {len(folds)} folds ({', '.join(f.name for f in folds)})")
+        paths.extend(resolve_model_path(run) for run in (folds or [entry]))
+    return paths
+
+
+def fold_runs(folder: Path) -> list[Path]:
+    """The fold runs of a cross-validation folder (it holds no checkpoint of its own), in fold order."""
+    if not folder.is_dir() or (folder / "best.pt").exists() or (folder / "last.pt").exists():
+        return []
+    runs = sorted((p for p in folder.glob("fold_*") if p.is_dir() and p.name[5:].isdigit()),
+                  key=lambda p: int(p.name[5:]))
+    counts = {run.name: fold_total(run) for run in runs}
+    known = {count for count in counts.values() if count is not None}
+    stale = [name for name, count in counts.items() if count is not None and int(name[5:]) >= count]
+    if len(known) > 1 or stale:
+        described = ", ".join(f"{name}: {count}-fold" for name, count in counts.items())
+        raise BadInputError(folder, f"holds folds of different cross-validations ({described}); remove the stale "
+                                    "ones or name the runs with --model")
+    return runs
+
+
+def fold_total(run_dir: Path) -> int | None:
+    """The K of the cross-validation a fold run belongs to (config.json), None when unknown."""
+    try:
+        folds = json.loads((run_dir / "config.json").read_text())["options"].get("folds")
+        return int(folds) if folds else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def load_model(model: str | Path | Sequence[str | Path] | None, device: str = "auto") -> LoadedModel:
+    """Find, read, check and rebuild the model, or the models of an ensemble (see :func:`model_paths`)."""
     target = choose_device(device)
-    network = model_from_checkpoint(checkpoint).to(target).eval()
-    loaded = LoadedModel(path=path, checkpoint=checkpoint, network=network, device=target)
-    check_records(loaded)
-    return loaded
+    loaded = []
+    for path in model_paths(model):
+        checkpoint = load_checkpoint(path)
+        network = model_from_checkpoint(checkpoint).to(target).eval()
+        loaded.append(LoadedModel(path=path, checkpoint=checkpoint, network=network, device=target))
+        check_records(loaded[-1])
+    if len(loaded) > 1:
+        check_ensemble(loaded)
+        info(f"ensemble of {len(loaded)} models: {', '.join(str(m.path) for m in loaded)}")
+    return replace(loaded[0], others=tuple(loaded[1:]))
+
+
+def check_ensemble(models: list[LoadedModel]) -> None:
+    """Members must share what decides the input and the output: preprocessing, modalities, task."""
+    first = models[0]
+    for other in models[1:]:
+        for name, mine, theirs in (("preprocessing", first.checkpoint.get("preprocess"),
+                                    other.checkpoint.get("preprocess")),
+                                   ("modalities", first.modalities, other.modalities),
+                                   ("image channels", first.image_channels, other.image_channels),
+                                   ("task", first.checkpoint.get("task"), other.checkpoint.get("task"))):
+            if mine != theirs:
+                raise BadInputError(other.path, f"cannot join an ensemble with {first.path}: its {name} differ "
+                                                f"({theirs!r} vs {mine!r})")
 
 
 def check_records(loaded: LoadedModel) -> None:
@@ -146,9 +228,12 @@ def check_records(loaded: LoadedModel) -> None:
     modalities = checkpoint.get("modalities") or []
     if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
         raise BadInputError(path, f"checkpoint modalities {modalities!r} are not a list of names")
-    if modalities and len(modalities) != loaded.in_channels:
-        raise BadInputError(path, f"checkpoint names {len(modalities)} modalities for {loaded.in_channels} "
-                                  "input channels")
+    if loaded.in_channels % (2 * loaded.context + 1):
+        raise BadInputError(path, f"checkpoint model has {loaded.in_channels} input channels, not a multiple of "
+                                  f"{2 * loaded.context + 1} slices (context {loaded.context})")
+    if modalities and len(modalities) != loaded.image_channels:
+        raise BadInputError(path, f"checkpoint names {len(modalities)} modalities for {loaded.image_channels} "
+                                  "image channels")
     patch = checkpoint.get("patch_size") or []
     if not isinstance(patch, list) or not all(isinstance(p, int) and p > 0 for p in patch) \
             or len(patch) not in (0, loaded.spatial_dims):

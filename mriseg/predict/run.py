@@ -58,7 +58,7 @@ def take_shard(items: Sequence[T], index: int, count: int) -> list[T]:
     return list(items[index::count])
 
 
-def predict(inputs: Sequence[str], model: str | Path | None = None, options: PredictOptions | None = None,
+def predict(inputs: Sequence[str], model: str | Path | Sequence[str | Path] | None = None, options: PredictOptions | None = None,
             shard: tuple[int, int] | None = None, stdin: TextIO | None = None,
             on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
     """Predict every input; the Python form of ``mriseg predict``.

@@ -108,7 +108,9 @@ class Budget:
         validation = max(self.validations) if self.validations else self.validation_estimate
         checkpoint = max(self.checkpoint_writes) if self.checkpoint_writes else 1.0
         per_epoch = steps_per_epoch * step + 1.25 * validation + 2 * checkpoint
-        return epochs_done + max(0, int((self.left() - 1.0) // per_epoch))
+        # rounded, not floored: a last epoch that does not quite fit is cut short by out_of_time, so at
+        # most half an epoch of the budget goes unused
+        return epochs_done + max(0, int((self.left() - 1.0) / per_epoch + 0.5))
 
     def account(self) -> str:
         """One line for the log: how the budget was spent."""

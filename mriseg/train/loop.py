@@ -26,10 +26,12 @@ from mriseg.checkpoint import save_checkpoint
 from mriseg.devices import choose_device
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.files import refuse_output_over_inputs, write_json_atomic
+from mriseg.inference.context import context_channels
 from mriseg.losses import deep_supervision_loss
 from mriseg.train.budget import (CALIBRATION_STEPS, budget_for_run, format_seconds, parse_duration,
                                  validation_estimate)
-from mriseg.train.options import EPOCHS_CAP, TrainOptions, default_spatial_dims
+from mriseg.train.folds import fold_count, fold_folder, folds_folder, train_all_folds
+from mriseg.train.options import TrainOptions, fresh_options
 from mriseg.train.run_folder import (RunFolder, library_versions, point_latest_at, prepare_run_dir, resolve_run_dir,
                                      resumed_options)
 from mriseg.train.sampling import StepBatches
@@ -55,18 +57,25 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
     if unknown:
         raise MrisegError(f"unknown training option(s): {', '.join(unknown)}")
     started = time.monotonic()  # --time counts set-up and preprocessing too
-    if "fold" in settings and settings.get("folds") is None and not settings.get("split"):
-        raise MrisegError(f"--fold {settings['fold']} needs --folds K (K-fold cross-validation by patient) or a "
-                          "--split file with a list of folds (nnU-Net's splits_final.json)")
     if "time_limit" in settings:
         settings["time_limit"] = parse_duration(settings["time_limit"])
+    count = fold_count(settings, out, resume)
+    if count is not None:  # cross-validation: --out holds one run per fold
+        base = folds_folder(out, model or "unet", resume)
+        if "fold" not in settings:
+            return train_all_folds(train, count, data, model, base, resume, overwrite, settings)
+        out = fold_folder(base, settings["fold"])
     # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else None
     run_dir = resolve_run_dir(out, model or "unet", resume, overwrite)
-    options, data, checkpoint = (resumed_options(run_dir, settings, rank == 0) if resume
-                                 else fresh_options(model, settings, data, run_dir))
+    if resume:
+        options, data, checkpoint = resumed_options(run_dir, settings, rank == 0)
+    else:
+        options, checkpoint = fresh_options(model, settings, choose_device(settings.get("device", "auto")).type), None
+        if data is not None:
+            refuse_output_over_inputs(run_dir, [data])
     device = choose_device(options.device, local_rank)
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -91,26 +100,6 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
         run.close()
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def fresh_options(model: str | None, settings: dict[str, Any], data: Any, run_dir: Path) -> tuple[TrainOptions,
-                                                                                                   Any, None]:
-    """The options of a new run, checked, and its data (never under the run folder)."""
-    options = TrainOptions(**settings)
-    if model is not None:
-        options.model = model
-    if options.time_limit is not None and "epochs" not in settings:
-        options.epochs = EPOCHS_CAP  # the budget decides; --epochs N still caps it
-    if options.time_limit is not None and "schedule" not in settings:
-        options.schedule = "poly"    # decays to zero at the planned end, which the budget sets
-    if options.time_limit is not None and "patience" not in settings:
-        options.patience = 0         # the budget, not a plateau, ends the run (as nnU-Net: no early stop)
-    if "spatial_dims" not in settings:
-        options.spatial_dims = default_spatial_dims(options.model)
-    options.check()
-    if data is not None:
-        refuse_output_over_inputs(run_dir, [data])
-    return options, data, None
 
 
 def run_training(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | None, device: torch.device,
@@ -143,7 +132,8 @@ def start_run(session: Session, state: TrainingState, data: Any, resume: bool) -
     if not resume:
         write_json_atomic(run.path / "config.json", {
             "data": str(data) if data is not None else None, "cache": str(session.cache.path),
-            "options": options.to_dict(), "task": task.to_dict(), "in_channels": len(session.cache.modalities),
+            "options": options.to_dict(), "task": task.to_dict(),
+            "in_channels": context_channels(len(session.cache.modalities), options.context),
             "modalities": session.cache.modalities, "preprocess": session.cache.manifest["params"],
             "train_cases": session.train_ids, "val_cases": session.val_ids, "device": str(session.device),
             "world_size": session.world_size, "precision": session.precision.describe(),
@@ -247,7 +237,8 @@ def train_step(session: Session, state: TrainingState, batch: tuple[Tensor, Tens
     if session.augment.enabled:  # seeded by (seed, step, rank): a resumed run augments the same way
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
             [options.seed, state.global_step, session.rank]).generate_state(1)[0]))
-        images, labels, weights = augment_batch(images, labels, session.augment, generator, weights)
+        images, labels, weights = augment_batch(images, labels, session.augment, generator, weights,
+                                                slices=2 * session.options.context + 1)
     if session.precision.channels_last:
         images = images.contiguous(memory_format=session.memory_format)
     targets = session.task.targets(labels)

@@ -26,7 +26,7 @@ EPOCHS_CAP = 100_000
 INTEGER_RANGES = (("epochs", 1, 100_000), ("batch_size", 1, 65_536), ("steps_per_epoch", 1, 10_000_000),
                   ("lr_patience", 0, 100_000), ("patience", 0, 100_000), ("workers", 0, 256),
                   ("seed", 0, 2**32 - 1), ("log_every", 1, 10_000_000), ("ignore_index", 0, 255),
-                  ("folds", 2, 1000), ("fold", 0, 999))
+                  ("folds", 2, 1000), ("fold", 0, 999), ("context", 0, 16))
 
 REAL_RANGES = {"lr": (0.0, 10.0, True, False), "weight_decay": (0.0, 10.0, False, False),
                "momentum": (0.0, 1.0, False, True), "warmup_epochs": (0.0, 100_000.0, False, False),
@@ -46,9 +46,10 @@ class TrainOptions:
     model: str = "unet"
     model_options: dict[str, Any] = field(default_factory=dict)
     spatial_dims: int = 2
+    context: int = 0                             # 2.5D: neighbouring slices on each side as extra channels
     task: str = "auto"
     ignore_index: int = 255
-    loss: str = "dice"
+    loss: str = "dice-ce"                        # CE (BCE for regions) + Dice, as nnU-Net and MONAI's DiceCELoss
     bce_weight: float = 0.5
     augment: str = "default"
     epochs: int = 50
@@ -101,6 +102,9 @@ class TrainOptions:
         for name, (low, high, low_open, high_open) in REAL_RANGES.items():
             checks.number(name, getattr(self, name), low=low, high=high, low_open=low_open, high_open=high_open,
                           optional=name == "clip_grad")
+        if self.context and self.spatial_dims != 2:
+            raise MrisegError(f"--context {self.context} feeds neighbouring slices to a 2D model; --dims is "
+                              f"{self.spatial_dims}")
         checks.sizes("patch_size", self.patch_size, count=self.spatial_dims, largest=4096)
         checks.sizes("size", self.size, count=(2, 3), largest=4096)
         if self.folds is not None and not 0 <= self.fold < self.folds:
@@ -121,6 +125,35 @@ class TrainOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Where --model / width / batch / lr are not given, a CPU run of the 2D U-Net starts from this recipe,
+# chosen by benchmarks/quality.py (cross-validation on real BraTS cases at CPU budgets, docs/results.md):
+# the full-width defaults take 8.5 s a step on one core and learn next to nothing in minutes.
+CPU_RECIPE = {"features": 16, "batch_size": 8, "lr": 3e-3}
+
+
+def fresh_options(model: str | None, settings: dict[str, Any], device_type: str) -> TrainOptions:
+    """The options of a new run: ``settings`` over the defaults, the defaults a ``--time`` budget
+    and a CPU imply (each only where not given), checked."""
+    options = TrainOptions(**settings)
+    if model is not None:
+        options.model = model
+    if options.time_limit is not None and "epochs" not in settings:
+        options.epochs = EPOCHS_CAP  # the budget decides; --epochs N still caps it
+    if options.time_limit is not None and "schedule" not in settings:
+        options.schedule = "poly"    # decays to zero at the planned end, which the budget sets
+    if options.time_limit is not None and "patience" not in settings:
+        options.patience = 0         # the budget, not a plateau, ends the run (as nnU-Net: no early stop)
+    if "spatial_dims" not in settings:
+        options.spatial_dims = default_spatial_dims(options.model)
+    if device_type == "cpu" and options.model == "unet" and options.spatial_dims == 2:
+        if "features" not in options.model_options:
+            options.model_options = {**options.model_options, "features": CPU_RECIPE["features"]}
+        options.batch_size = settings.get("batch_size", CPU_RECIPE["batch_size"])
+        options.lr = settings.get("lr", CPU_RECIPE["lr"])
+    options.check()
+    return options
 
 
 def default_patch_size(model: nn.Module, volume_shape: Sequence[int], largest: int = 128) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from mriseg.errors import BadInputError, MrisegError
+from mriseg.inference.context import slice_with_context
 from mriseg.inference.windows import PAD_VALUE
 from mriseg.losses import border_weight_map
 from mriseg.train.options import TrainOptions
@@ -79,15 +80,17 @@ def load_volumes(cache: Any, case_ids: list[str], spatial_dims: int, uniform_sha
 class TrainingSamples(Dataset):
     """Sample ``i`` of epoch ``e``: a random slice (2D) or patch (3D) drawn with ``rng(seed, e, i)``.
 
-    2D: a patient uniformly, then a slice with the volume's tumour-area weights.
+    2D: a patient uniformly, then a slice with the volume's tumour-area weights (and ``context``
+    neighbouring slices on each side as extra channels, :mod:`mriseg.inference.context`).
     3D: a patient uniformly, then a ``patch_size`` patch centred on a tumour voxel with probability
     ``foreground_share``, anywhere otherwise (volumes smaller than the patch are padded).
     Returns ``(image (C, *P) float32, label (*P) int64, weights (*P) float32 or empty)``.
     """
 
     def __init__(self, volumes: list[Volume], spatial_dims: int, patch_size: tuple[int, ...] | None,
-                 foreground_share: float, seed: int):
+                 foreground_share: float, seed: int, context: int = 0):
         self.volumes = volumes
+        self.context = context
         self.spatial_dims = spatial_dims
         self.patch_size = patch_size
         self.foreground_share = foreground_share
@@ -102,7 +105,7 @@ class TrainingSamples(Dataset):
         volume = self.volumes[rng.integers(len(self.volumes))]
         if self.spatial_dims == 2:
             position = int(rng.choice(volume.slices, p=volume.slice_weights))
-            image = np.take(volume.image, position, axis=volume.slice_axis + 1)
+            image = slice_with_context(volume.image, volume.slice_axis, position, self.context)
             label = np.take(volume.label, position, axis=volume.slice_axis)
             weights = (np.take(volume.border_weights, position, axis=volume.slice_axis)
                        if volume.border_weights is not None else None)

@@ -16,6 +16,7 @@ from torch import nn
 from mriseg import options as checks
 from mriseg.augment import AugmentConfig, parse_augment
 from mriseg.errors import BadInputError
+from mriseg.inference.context import context_channels, set_slice_context
 from mriseg.labels import IGNORED, Task
 from mriseg.losses import build_loss
 from mriseg.train.options import TrainOptions, default_patch_size
@@ -116,7 +117,8 @@ def set_up(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | 
         samples = sum(v.slices for v in train_volumes) if options.spatial_dims == 2 else 8 * len(train_volumes)
         options.steps_per_epoch = max(1, math.ceil(samples / (options.batch_size * world_size)))
     chosen, autocast, scaler = precision(options, device)
-    raw_model = build_network(options, len(cache.modalities), task, spatial_shape, checkpoint, run.path, device)
+    in_channels = context_channels(len(cache.modalities), options.context)  # 2.5D: neighbours as channels
+    raw_model = build_network(options, in_channels, task, spatial_shape, checkpoint, run.path, device)
     chosen.apply(raw_model, options.spatial_dims)
     model: nn.Module = raw_model
     if world_size > 1:
@@ -134,7 +136,7 @@ def set_up(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | 
                    loss_fn=build_loss(options.loss, task.activation, IGNORED, options.bce_weight),
                    augment=parse_augment(options.augment),
                    dataset=TrainingSamples(train_volumes, options.spatial_dims, options.patch_size,
-                                           options.foreground_share, options.seed),
+                                           options.foreground_share, options.seed, options.context),
                    val_volumes=val_volumes, description=description,
                    workers=options.workers if options.workers is not None else (4 if device.type == "cuda" else 0))
 
@@ -145,6 +147,7 @@ def build_network(options: TrainOptions, in_channels: int, task: Task, spatial_s
 
     network = build_model(options.model, in_channels, task.out_channels, spatial_dims=options.spatial_dims,
                           **options.model_options)
+    set_slice_context(network, options.context)
     if options.spatial_dims == 3 and options.patch_size is None:
         options.patch_size = default_patch_size(network, spatial_shape)
     window = options.patch_size or spatial_shape[-2:]
@@ -164,8 +167,9 @@ def checkpoint_payload(session: Session, state: TrainingState, epoch: int, step_
     """best.pt (``training=False``) or last.pt, which adds what ``--resume`` needs."""
     options, cache = session.options, session.cache
     payload = {
-        "model": {"name": options.model, "in_channels": len(cache.modalities),
-                  "out_channels": session.task.out_channels, "spatial_dims": options.spatial_dims,
+        "model": {"name": options.model, "in_channels": context_channels(len(cache.modalities), options.context),
+                  "context": options.context, "out_channels": session.task.out_channels,
+                  "spatial_dims": options.spatial_dims,
                   "options": options.model_options},
         "state_dict": {k: v.detach().cpu() for k, v in session.raw_model.state_dict().items()},
         "preprocess": cache.manifest["params"], "modalities": cache.modalities, "task": session.task.to_dict(),

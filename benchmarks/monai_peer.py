@@ -1,0 +1,141 @@
+"""A tutorial-style MONAI 2D peer for ``benchmarks/quality.py``: what a user would write from MONAI's
+BraTS and 2D tutorials instead of using mriseg.
+
+It trains MONAI's ``BasicUNet`` (2D) on axial slices of the training cases for a wall-clock budget
+and writes the held-out case's labels as NIfTI in the case's own geometry, to be scored by the
+same ``mriseg evaluate`` as mriseg's predictions. Its choices, all MONAI's or the tutorials':
+
+* FLAIR + T1c as two channels, intensities as given (the cases are z-scored within the brain);
+  slices cropped to the brain's bounding box over all cases and padded to a multiple of 16;
+* three sigmoid region outputs WT / TC / ET (BraTS 2013 labels: WT = 1-4, TC = 1,3,4, ET = 4)
+  and ``DiceCELoss(sigmoid=True)``; Adam, lr 1e-3, cosine decay to the end of the budget;
+* slices drawn with probability proportional to tumour area plus a 10 % uniform share,
+  random flips on both axes; batch 8; ``BasicUNet`` features (16, 16, 32, 64, 128, 16) for a CPU;
+* the final model (no checkpoint selection on the held-out case), ``sliding_window_inference``
+  over whole slices, thresholds 0.5, labels ET -> 4, TC -> 1, WT -> 2.
+
+Usage: python benchmarks/monai_peer.py --train DIR DIR DIR --test DIR --budget 180 --out pred.nii.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.networks.nets import BasicUNet
+
+FILES = {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1ce": "T1c_subtrMeanDivStd.nii.gz", "seg": "OTMultiClass.nii.gz"}
+
+
+def read_case(folder: Path) -> tuple[np.ndarray, np.ndarray | None, nib.Nifti1Image]:
+    """Image (2, X, Y, Z) float32 and labels (X, Y, Z) int (None when absent), and the FLAIR header."""
+    flair = nib.load(folder / FILES["flair"])
+    image = np.stack([np.asarray(flair.dataobj, dtype=np.float32),
+                      np.asarray(nib.load(folder / FILES["t1ce"]).dataobj, dtype=np.float32)])
+    seg_path = folder / FILES["seg"]
+    labels = np.rint(np.asarray(nib.load(seg_path).dataobj)).astype(np.int64) if seg_path.exists() else None
+    return image, labels, flair
+
+
+def regions(labels: np.ndarray) -> np.ndarray:
+    """WT / TC / ET masks (3, ...) of BraTS 2013 labels."""
+    return np.stack([labels > 0, np.isin(labels, (1, 3, 4)), labels == 4]).astype(np.float32)
+
+
+def brain_box(images: list[np.ndarray]) -> tuple[slice, slice]:
+    """In-plane bounding box (multiple of 16) of the non-background voxels of every case."""
+    lows, highs = [], []
+    for image in images:
+        inside = np.argwhere((image != image.min(axis=(1, 2, 3), keepdims=True)).any(0).any(-1))
+        lows.append(inside.min(0))
+        highs.append(inside.max(0) + 1)
+    low, high = np.min(lows, 0), np.max(highs, 0)
+    box = []
+    for axis, (a, b) in enumerate(zip(low, high)):
+        size = -(-(b - a) // 16) * 16
+        start = int(max(0, min(a - (size - (b - a)) // 2, images[0].shape[1 + axis] - size)))
+        box.append(slice(start, start + size))
+    return box[0], box[1]
+
+
+def train(cases: list[tuple[np.ndarray, np.ndarray]], budget: float, started: float, seed: int) -> BasicUNet:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = BasicUNet(spatial_dims=2, in_channels=2, out_channels=3, features=(16, 16, 32, 64, 128, 16))
+    loss_fn = DiceCELoss(sigmoid=True)
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
+    weights = []
+    for _, labels in cases:
+        area = (labels > 0).sum(axis=(0, 1)).astype(np.float64)
+        uniform = np.full(len(area), 1 / len(area))
+        weights.append(0.9 * area / area.sum() + 0.1 * uniform if area.sum() else uniform)
+    step = 0
+    while True:
+        elapsed = time.perf_counter() - started
+        if elapsed >= budget:
+            break
+        for group in optimiser.param_groups:  # cosine to zero at the end of the budget
+            group["lr"] = 1e-3 * 0.5 * (1 + np.cos(np.pi * min(elapsed / budget, 1.0)))
+        images, targets = [], []
+        for _ in range(8):
+            index = rng.integers(len(cases))
+            image, labels = cases[index]
+            z = rng.choice(labels.shape[-1], p=weights[index])
+            x, y = image[..., z], regions(labels[..., z])
+            for axis in (1, 2):
+                if rng.random() < 0.5:
+                    x, y = np.flip(x, axis), np.flip(y, axis)
+            images.append(np.ascontiguousarray(x))
+            targets.append(np.ascontiguousarray(y))
+        optimiser.zero_grad()
+        loss = loss_fn(net(torch.from_numpy(np.stack(images))), torch.from_numpy(np.stack(targets)))
+        loss.backward()
+        optimiser.step()
+        step += 1
+        if step % 50 == 0:
+            print(f"peer: step {step} loss {loss.item():.4f}", flush=True)
+    print(f"peer: {step} steps of 8 slices in {time.perf_counter() - started:.1f} s", flush=True)
+    return net
+
+
+def predict(net: BasicUNet, image: np.ndarray) -> np.ndarray:
+    """BraTS labels (X, Y, Z) of a cropped image (2, X, Y, Z)."""
+    net.eval()
+    slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))  # (Z, 2, X, Y)
+    with torch.inference_mode():
+        probs = torch.sigmoid(sliding_window_inference(slices, image.shape[1:3], 16, net))
+    wt, tc, et = (probs[:, i].numpy() > 0.5 for i in range(3))
+    labels = np.where(et, 4, np.where(tc, 1, np.where(wt, 2, 0))).astype(np.uint8)
+    return np.moveaxis(labels, 0, -1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", nargs="+", type=Path, required=True)
+    parser.add_argument("--test", type=Path, required=True)
+    parser.add_argument("--budget", type=float, required=True, help="seconds of training, from the start")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    loaded = [read_case(folder) for folder in args.train]
+    test_image, _, header = read_case(args.test)
+    box = brain_box([image for image, _, _ in loaded] + [test_image])
+    cases = [(image[:, box[0], box[1]], labels[box[0], box[1]]) for image, labels, _ in loaded]
+    net = train(cases, args.budget, started, args.seed)
+    labels = np.zeros(test_image.shape[1:], np.uint8)
+    labels[box[0], box[1]] = predict(net, test_image[:, box[0], box[1]])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    written = nib.Nifti1Image(labels, header.affine, header.header)
+    written.set_data_dtype(np.uint8)
+    nib.save(written, args.out)
+
+
+if __name__ == "__main__":
+    main()
