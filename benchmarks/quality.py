@@ -115,16 +115,26 @@ def run_fold(arm: Arm, fold: int, cases: list[str], args: argparse.Namespace, ca
         run(mriseg("train", str(cache), "--split", str(split), "--time", args.budget, "--out", str(folder / "run"),
                    "--overwrite", *shlex.split(arm.train_args)), log, args.threads)
         trained = time.perf_counter() - started
-        prediction = folder / "pred"
-        for out, extra in ((prediction, []), (folder / "pred-largest", ["--largest-component"])):
-            run(mriseg("predict", str(truth), "--model", str(folder / "run" / "last.pt"), "--out", str(out),
-                       "--modalities", MODALITIES.rsplit(",", 1)[0], "--overwrite", *extra), log, args.threads)
-    dice = score(prediction, truth, log, args.threads)
-    largest = None if arm.is_peer else score(folder / "pred-largest", truth, log, args.threads)
+        prediction = folder / "pred-dice"
+        for key, extra in variants(args.tta).items():
+            run(mriseg("predict", str(truth), "--model", str(folder / "run" / "last.pt"), "--out",
+                       str(folder / f"pred-{key}"), "--modalities", MODALITIES.rsplit(",", 1)[0], "--overwrite",
+                       *extra), log, args.threads)
+    keys = ["dice"] if arm.is_peer else list(variants(args.tta))
+    scores = {key: score(prediction if key == "dice" else folder / f"pred-{key}", truth, log, args.threads)
+              for key in keys}
+    dice = scores["dice"]
     print(f"{arm.name} fold {fold} ({test}): " + " ".join(f"{r} {dice[r]:.4f}" for r in REGIONS)
           + f"  (trained in {trained:.0f} s)", flush=True)
-    return {"fold": fold, "case": test, "dice": dice, "dice_largest_component": largest,
-            "train_seconds": round(trained, 1)}
+    return {"fold": fold, "case": test, **scores, "train_seconds": round(trained, 1)}
+
+
+def variants(tta: bool) -> dict[str, list[str]]:
+    """The predictions scored per mriseg fold: plain, largest component (and with flips, --tta)."""
+    chosen = {"dice": [], "dice_largest_component": ["--largest-component"]}
+    if tta:
+        chosen["dice_tta_largest_component"] = ["--tta", "--largest-component"]
+    return chosen
 
 
 def mean_dice(rows: list[dict], key: str) -> dict[str, float]:
@@ -140,6 +150,7 @@ def main() -> None:
     parser.add_argument("--folds", default="0,1,2,3", help="which folds to run")
     parser.add_argument("--parallel", type=int, default=2, help="folds trained at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per fold")
+    parser.add_argument("--tta", action="store_true", help="also score mriseg's folds with --tta (flips)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from mriseg.train.budget import parse_duration
@@ -157,19 +168,21 @@ def main() -> None:
         results[arm.name] = {"train_args": arm.train_args, "preprocess_args": arm.preprocess_args, "folds": rows,
                              "mean": mean_dice(rows, "dice")}
         if not arm.is_peer:
-            results[arm.name]["mean_largest_component"] = mean_dice(rows, "dice_largest_component")
+            for key in list(variants(args.tta))[1:]:
+                results[arm.name]["mean_" + key[len("dice_"):]] = mean_dice(rows, key)
         path = args.out / "results.json"
         previous = json.loads(path.read_text()) if path.exists() else {}
         previous.setdefault(args.budget, {})[arm.name] = results[arm.name]
         path.write_text(json.dumps(previous, indent=2) + "\n")
     print(f"\nbudget {args.budget} per fold, {args.parallel} folds at a time, {args.threads} thread(s) each")
-    print("| arm | mean WT | mean TC | mean ET | WT per fold | mean WT, largest component |")
-    print("|---|---:|---:|---:|---|---:|")
+    extra = [key[len("dice_"):] for key in list(variants(args.tta))[1:]]
+    print("| arm | mean WT | mean TC | mean ET | WT per fold | " + " | ".join(f"mean WT, {e}" for e in extra) + " |")
+    print("|---|---:|---:|---:|---|" + "---:|" * len(extra))
     for name, result in results.items():
         per_fold = " / ".join(f"{row['dice']['WT']:.3f}" for row in result["folds"])
-        largest = result.get("mean_largest_component")
+        others = [result.get("mean_" + e) for e in extra]
         print(f"| {name} | " + " | ".join(f"{result['mean'][r]:.3f}" for r in REGIONS) + f" | {per_fold} | "
-              + (f"{largest['WT']:.3f}" if largest else "-") + " |")
+              + " | ".join(f"{o['WT']:.3f}" if o else "-" for o in others) + " |")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ class AugmentConfig:
     elastic: largest displacement in voxels of a smooth random field with control points
         every ``elastic_spacing`` voxels (U-Net paper style).
     intensity_shift / intensity_scale: per-channel ``x * (1 + g) + s`` with g, s uniform in +-range.
+    modality_dropout: probability that a sample loses one modality, chosen at random, which is set
+        to 0 (the normalised brain mean), so the network cannot lean on one contrast alone; only
+        with two or more modalities.
     """
 
     flip: bool = True
@@ -42,6 +45,7 @@ class AugmentConfig:
     elastic_spacing: int = 16
     intensity_shift: float = 0.1
     intensity_scale: float = 0.1
+    modality_dropout: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -52,16 +56,17 @@ class AugmentConfig:
 
 
 NO_AUGMENTATION = AugmentConfig(flip=False, rotate_degrees=0.0, scale=0.0, elastic=0.0,
-                                intensity_shift=0.0, intensity_scale=0.0)
+                                intensity_shift=0.0, intensity_scale=0.0, modality_dropout=0.0)
 _KEYS = {"rotate": "rotate_degrees", "scale": "scale", "elastic": "elastic", "spacing": "elastic_spacing",
-         "shift": "intensity_shift", "gain": "intensity_scale"}
+         "shift": "intensity_shift", "gain": "intensity_scale", "dropout": "modality_dropout"}
 
 
 def parse_augment(spec: str) -> AugmentConfig:
     """``--augment``: ``default``, ``none``, or a comma list such as ``flip,rotate=15,scale=0.05,elastic=4``.
 
     In a list, named transforms are on (with their default range unless ``=value`` is given)
-    and unnamed ones are off; ``intensity`` turns on both shift and gain.
+    and unnamed ones are off; ``intensity`` turns on both shift and gain; ``default`` in a list
+    turns on the defaults, so ``default,dropout`` adds modality dropout to them.
     """
     spec = spec.strip().lower()
     if spec == "default":
@@ -73,7 +78,9 @@ def parse_augment(spec: str) -> AugmentConfig:
     chosen["elastic_spacing"] = defaults.elastic_spacing
     for item in spec.split(","):
         name, _, raw = item.strip().partition("=")
-        if name == "flip":
+        if name == "default":  # "default,dropout": the defaults plus what follows
+            chosen.update(asdict(defaults))
+        elif name == "flip":
             chosen["flip"] = True
         elif name == "intensity":
             chosen["intensity_shift"], chosen["intensity_scale"] = defaults.intensity_shift, defaults.intensity_scale
@@ -83,12 +90,36 @@ def parse_augment(spec: str) -> AugmentConfig:
                 chosen[field] = type(getattr(defaults, field))(raw) if raw else getattr(defaults, field)
             except ValueError:
                 raise MrisegError(f"--augment: {name}={raw!r} is not a number") from None
-            if name == "elastic" and not raw:
-                chosen["elastic"] = 4.0
+            if not raw and name in _DEFAULT_WHEN_NAMED:
+                chosen[field] = _DEFAULT_WHEN_NAMED[name]
         else:
             raise MrisegError(f"--augment: unknown transform {name!r}; use flip, rotate, scale, elastic, "
-                              "spacing, shift, gain, intensity, or 'default' / 'none'")
-    return AugmentConfig(**chosen)
+                              "spacing, shift, gain, intensity, dropout, or 'default' / 'none'")
+    config = AugmentConfig(**chosen)
+    check_augment(config)
+    return config
+
+
+# off by default, so naming one without a value needs a range of its own
+_DEFAULT_WHEN_NAMED = {"elastic": 4.0, "dropout": 0.25}
+# the largest value each range may take: beyond it a transform is no longer a plausible scan
+_LIMITS = {"rotate_degrees": (180.0, "degrees"), "scale": (0.5, "a zoom factor of 1 +- scale"),
+           "elastic": (64.0, "voxels"), "intensity_shift": (2.0, "normalised units"),
+           "intensity_scale": (0.9, "a gain of 1 +- gain, which must stay positive"),
+           "modality_dropout": (1.0, "a probability")}
+
+
+def check_augment(config: AugmentConfig) -> None:
+    """One line naming the transform whose range is negative, not finite or beyond its limit."""
+    inverse = {field: name for name, field in _KEYS.items()}
+    for field, (limit, meaning) in _LIMITS.items():
+        value = getattr(config, field)
+        if not (math.isfinite(value) and 0 <= value <= limit):
+            raise MrisegError(f"--augment: {inverse[field]}={value:g} is out of range; it takes 0 to {limit:g} "
+                              f"({meaning})")
+    if config.elastic_spacing < 2:
+        raise MrisegError(f"--augment: spacing={config.elastic_spacing} is out of range; the elastic field's "
+                          "control points need at least 2 voxels between them")
 
 
 def _uniform(count: int, spread: float, generator: torch.Generator, shape: tuple[int, ...] = ()) -> Tensor:
@@ -176,4 +207,22 @@ def augment_batch(images: Tensor, labels: Tensor, config: AugmentConfig, generat
         gain = (1 + _uniform(count, config.intensity_scale, generator, (modalities,))).repeat(1, slices).view(view)
         shift = _uniform(count, config.intensity_shift, generator, (modalities,)).repeat(1, slices).view(view)
         images = images * gain.to(device, images.dtype) + shift.to(device, images.dtype)
+    if config.modality_dropout and channels // slices > 1:
+        images = drop_modalities(images, config.modality_dropout, generator, slices)
     return images, labels, weights
+
+
+def drop_modalities(images: Tensor, probability: float, generator: torch.Generator, slices: int = 1) -> Tensor:
+    """Set one random modality (with all its 2.5D context slices) of each chosen sample to 0.
+
+    A sample is chosen with ``probability``; at most one of its modalities is dropped, so every
+    sample keeps at least one.
+    """
+    count, channels = images.shape[:2]
+    modalities = channels // slices
+    chosen = torch.rand(count, generator=generator) < probability
+    dropped = torch.randint(modalities, (count,), generator=generator)
+    keep = torch.ones(count, modalities)
+    keep[chosen, dropped[chosen]] = 0.0
+    keep = keep.repeat(1, slices).view(count, channels, *[1] * (images.ndim - 2))
+    return images * keep.to(images.device, images.dtype)

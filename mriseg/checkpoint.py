@@ -28,6 +28,7 @@ CHECKPOINT_FORMAT = "mriseg-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 REQUIRED_KEYS = ("model", "state_dict", "task")
 REQUIRED_MODEL_KEYS = ("name", "in_channels", "out_channels", "spatial_dims")
+FOLD_PREFIX = "fold_"  # a cross-validation's run folder holds one run per fold: fold_0, fold_1, ...
 # torch.save writes a zip archive (PyTorch >= 1.6) or, in the legacy format, a pickle (protocol >= 2).
 TORCH_SAVE_MAGICS = (b"PK\x03\x04", b"\x80")
 
@@ -126,3 +127,14 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def fold_folder(out: Path, fold: int) -> Path:
+    """The run folder of fold ``fold`` inside a cross-validation's folder ``out``."""
+    return out / f"{FOLD_PREFIX}{fold}"
+
+
+def fold_folders(out: Path) -> list[Path]:
+    """The fold runs (``fold_<k>`` folders) inside ``out``, in fold order."""
+    runs = [p for p in out.glob(f"{FOLD_PREFIX}*") if p.is_dir() and p.name[len(FOLD_PREFIX):].isdigit()]
+    return sorted(runs, key=lambda p: int(p.name[len(FOLD_PREFIX):]))

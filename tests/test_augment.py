@@ -81,3 +81,45 @@ def test_parse_augment():
         parse_augment("mixup")
     with pytest.raises(MrisegError, match="not a number"):
         parse_augment("rotate=lots")
+
+
+@pytest.mark.parametrize("spec", ["rotate=-5", "scale=2", "gain=1", "shift=nan", "elastic=inf", "dropout=1.5",
+                                  "spacing=0", "default,scale=0.9"])
+def test_every_range_out_of_bounds_is_one_clear_error(spec):
+    name = spec.split(",")[-1].split("=")[0]
+    with pytest.raises(MrisegError, match=f"--augment: {name}=.* out of range"):
+        parse_augment(spec)
+
+
+def test_default_in_a_list_adds_to_the_defaults():
+    parsed = parse_augment("default,dropout")
+    assert parsed == AugmentConfig(modality_dropout=0.25)
+    assert parse_augment("default,dropout=0.5,rotate=0").rotate_degrees == 0
+
+
+@pytest.mark.parametrize("slices", [1, 3])
+def test_modality_dropout_zeroes_one_whole_modality_and_never_all(slices):
+    """Drawn per sample: about p of the samples lose exactly one modality, with every one of its
+    2.5D context slices (channels are blocks of the same modalities); the others are untouched."""
+    count, modalities = 2000, 2
+    images = torch.rand(count, modalities * slices, 4, 4) + 1.0  # never 0 before dropout
+    labels = torch.zeros(count, 4, 4, dtype=torch.long)
+    config = AugmentConfig(flip=False, rotate_degrees=0, scale=0, intensity_shift=0, intensity_scale=0,
+                           modality_dropout=0.3)
+    out, out_labels, _ = augment_batch(images, labels, config, torch.Generator().manual_seed(1), slices=slices)
+    assert torch.equal(out_labels, labels)
+    zero = (out == 0).all(dim=(2, 3)).view(count, slices, modalities)  # (sample, slice, modality)
+    assert (zero == zero[:, :1]).all()                 # a modality goes with all its slices
+    lost = zero[:, 0].sum(dim=1)
+    assert lost.max() == 1                             # never more than one modality
+    assert abs(lost.float().mean().item() - 0.3) < 0.04
+    kept = lost == 0
+    assert torch.equal(out[kept], images[kept])
+
+
+def test_modality_dropout_leaves_a_single_modality_alone():
+    images = torch.rand(50, 1, 4, 4) + 1.0
+    config = AugmentConfig(flip=False, rotate_degrees=0, scale=0, intensity_shift=0, intensity_scale=0,
+                           modality_dropout=1.0)
+    out, _, _ = augment_batch(images, torch.zeros(50, 4, 4, dtype=torch.long), config, torch.Generator())
+    assert torch.equal(out, images)

@@ -70,7 +70,9 @@ def train_command(
     bce_weight: Optional[float] = typer.Option(None, "--bce-weight", help="BCE share of bce-dice. (default: 0.5)",
                                                rich_help_panel="Task and loss"),
     augment: Optional[str] = typer.Option(None, "--augment", help="default, none, or e.g. flip,rotate=15,scale=0.05,"
-                                                                  "elastic=4,intensity. (default: default)",
+                                                                  "elastic=4,intensity,dropout=0.25 (a random "
+                                                                  "modality zeroed); default,dropout adds to the "
+                                                                  "defaults. (default: default)",
                                           rich_help_panel="Data and sampling"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="(default: 50; with --time, as many as fit)",
                                          rich_help_panel="Optimisation"),

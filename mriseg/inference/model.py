@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from skimage.measure import label as connected_components
 
-from mriseg.checkpoint import load_checkpoint, model_from_checkpoint
+from mriseg.checkpoint import FOLD_PREFIX, fold_folders, load_checkpoint, model_from_checkpoint
 from mriseg.data.case import Case
 from mriseg.data.preprocess import PreprocessParams
 from mriseg.devices import choose_device
@@ -170,11 +170,10 @@ def fold_runs(folder: Path) -> list[Path]:
     """The fold runs of a cross-validation folder (it holds no checkpoint of its own), in fold order."""
     if not folder.is_dir() or (folder / "best.pt").exists() or (folder / "last.pt").exists():
         return []
-    runs = sorted((p for p in folder.glob("fold_*") if p.is_dir() and p.name[5:].isdigit()),
-                  key=lambda p: int(p.name[5:]))
+    runs = fold_folders(folder)
     counts = {run.name: fold_total(run) for run in runs}
     known = {count for count in counts.values() if count is not None}
-    stale = [name for name, count in counts.items() if count is not None and int(name[5:]) >= count]
+    stale = [name for name, count in counts.items() if count is not None and int(name[len(FOLD_PREFIX):]) >= count]
     if len(known) > 1 or stale:
         described = ", ".join(f"{name}: {count}-fold" for name, count in counts.items())
         raise BadInputError(folder, f"holds folds of different cross-validations ({described}); remove the stale "

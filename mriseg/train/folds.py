@@ -14,17 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from mriseg.checkpoint import fold_folder, fold_folders
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.files import write_json_atomic
 from mriseg.log import info
 from mriseg.train.run_folder import point_latest_at, resolve_run_dir
-
-FOLD_PREFIX = "fold_"
-
-
-def fold_folder(out: Path, fold: int) -> Path:
-    return out / f"{FOLD_PREFIX}{fold}"
-
 
 def folds_folder(out: str | Path | None, model: str, resume: bool) -> Path:
     """The folder of folds: ``--out``, else ``runs/latest`` (resuming) or ``runs/<model>-<timestamp>``."""
@@ -51,7 +45,7 @@ def fold_count(settings: dict[str, Any], out: str | Path | None = None, resume: 
         count = int(settings["folds"])
     elif resume and listed is None and (fold_folder(resumed, 0) / "config.json").is_file():
         saved = json.loads((fold_folder(resumed, 0) / "config.json").read_text()).get("options", {})
-        count = int(saved.get("folds") or len(fold_runs_in(resumed)))
+        count = int(saved.get("folds") or len(fold_folders(resumed)))
     if "fold" in settings and count is None:
         raise MrisegError(f"--fold {settings['fold']} needs --folds K (K-fold cross-validation by patient) or a "
                           "--split file with a list of folds (nnU-Net's splits_final.json)")
@@ -59,10 +53,6 @@ def fold_count(settings: dict[str, Any], out: str | Path | None = None, resume: 
         raise MrisegError(f"--fold {settings['fold']} needs --out: the folder every fold of the cross-validation "
                           "writes into")
     return count
-
-
-def fold_runs_in(out: Path) -> list[Path]:
-    return [p for p in out.glob(f"{FOLD_PREFIX}*") if p.is_dir() and p.name[len(FOLD_PREFIX):].isdigit()]
 
 
 def train_all_folds(single_run: Callable[..., dict[str, Any]], count: int, data: Any, model: str | None,

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from mriseg import log
 from mriseg.augment import augment_batch
-from mriseg.checkpoint import save_checkpoint
+from mriseg.checkpoint import fold_folder, save_checkpoint
 from mriseg.devices import choose_device
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.files import refuse_output_over_inputs, write_json_atomic
@@ -30,7 +30,7 @@ from mriseg.inference.context import context_channels
 from mriseg.losses import deep_supervision_loss
 from mriseg.train.budget import (CALIBRATION_STEPS, budget_for_run, format_seconds, parse_duration,
                                  validation_estimate)
-from mriseg.train.folds import fold_count, fold_folder, folds_folder, train_all_folds
+from mriseg.train.folds import fold_count, folds_folder, train_all_folds
 from mriseg.train.options import TrainOptions, fresh_options
 from mriseg.train.run_folder import (RunFolder, library_versions, point_latest_at, prepare_run_dir, resolve_run_dir,
                                      resumed_options)
