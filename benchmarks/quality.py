@@ -12,6 +12,9 @@ Arms are ``NAME;TRAIN ARGS;PREPROCESS ARGS`` (the last two optional), or ``monai
     python benchmarks/quality.py --budget 3m --out /tmp/quality \\
         --arm "default" --arm "wide;--model-options features=16" --arm monai
 
+With ``--ensemble K`` a mriseg arm trains a K-fold cross-validation of the three training cases
+within the same budget and predicts the held-out case with the fold ensemble.
+
 Prints one row per arm (mean and per-fold Dice) and writes ``results.json`` in ``--out``.
 """
 
@@ -111,13 +114,15 @@ def run_fold(arm: Arm, fold: int, cases: list[str], args: argparse.Namespace, ca
         trained = time.perf_counter() - started
     else:
         split = folder / "split.json"
-        split.write_text(json.dumps({"train": train_cases, "val": [test]}))
+        split.write_text(json.dumps(inner_folds(train_cases, args.ensemble) if args.ensemble
+                                    else {"train": train_cases, "val": [test]}))
         run(mriseg("train", str(cache), "--split", str(split), "--time", args.budget, "--out", str(folder / "run"),
                    "--overwrite", *shlex.split(arm.train_args)), log, args.threads)
         trained = time.perf_counter() - started
         prediction = folder / "pred-dice"
+        model = folder / "run" if args.ensemble else folder / "run" / "last.pt"
         for key, extra in variants(args.tta).items():
-            run(mriseg("predict", str(truth), "--model", str(folder / "run" / "last.pt"), "--out",
+            run(mriseg("predict", str(truth), "--model", str(model), "--out",
                        str(folder / f"pred-{key}"), "--modalities", MODALITIES.rsplit(",", 1)[0], "--overwrite",
                        *extra), log, args.threads)
     keys = ["dice"] if arm.is_peer else list(variants(args.tta))
@@ -127,6 +132,12 @@ def run_fold(arm: Arm, fold: int, cases: list[str], args: argparse.Namespace, ca
     print(f"{arm.name} fold {fold} ({test}): " + " ".join(f"{r} {dice[r]:.4f}" for r in REGIONS)
           + f"  (trained in {trained:.0f} s)", flush=True)
     return {"fold": fold, "case": test, **scores, "train_seconds": round(trained, 1)}
+
+
+def inner_folds(cases: list[str], count: int) -> list[dict[str, list[str]]]:
+    """``count`` folds over the training cases only (the held-out case is in none of them)."""
+    return [{"train": [c for i, c in enumerate(cases) if i % count != k],
+             "val": [c for i, c in enumerate(cases) if i % count == k]} for k in range(count)]
 
 
 def variants(tta: bool) -> dict[str, list[str]]:
@@ -151,6 +162,10 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="folds trained at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per fold")
     parser.add_argument("--tta", action="store_true", help="also score mriseg's folds with --tta (flips)")
+    parser.add_argument("--ensemble", type=int, default=0, metavar="K",
+                        help="mriseg arms train K folds of the training cases within the budget (train shares "
+                             "it out) and predict the held-out case with their ensemble (each fold's best.pt, "
+                             "chosen by its own validation case)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from mriseg.train.budget import parse_duration
