@@ -306,3 +306,19 @@ def test_a_3d_only_model_without_data_trains_on_the_synthetic_brats_default(tmp_
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["options"]["spatial_dims"] == 3 and summary["task"] == "regions"
     assert config["data"] is None and "synthetic-brats" in config["cache"]
+
+
+def test_modality_dropout_trains_and_needs_two_modalities(lgg_cache, tmp_path):
+    summary = train(lgg_cache, out=tmp_path / "run", epochs=1, steps_per_epoch=1, augment="default,dropout", **TINY)
+    assert summary is not None and (tmp_path / "run" / "last.pt").is_file()
+    narrow = tmp_path / "narrow"
+    shutil.copytree(lgg_cache, narrow)
+    manifest = json.loads((narrow / "manifest.json").read_text())
+    manifest["modalities"] = manifest["modalities"][:1]
+    for case_id in manifest["cases"]:
+        image = np.load(narrow / "cases" / case_id / "image.npy")
+        np.save(narrow / "cases" / case_id / "image.npy", image[:1])
+    (narrow / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BadInputError, match=r"--augment dropout .* this cache has one"):
+        train(narrow, out=tmp_path / "one", epochs=1, steps_per_epoch=1, augment="dropout", **TINY)
+    assert not (tmp_path / "one" / "last.pt").exists()

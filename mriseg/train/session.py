@@ -107,6 +107,9 @@ def set_up(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | 
     spatial_shape = cache.record(labelled[0])["shape"]
     if options.spatial_dims == 3 and len(spatial_shape) != 3:
         raise BadInputError(cache.path, "--dims 3 needs 3D volumes; this cache holds 2D images")
+    if parse_augment(options.augment).modality_dropout and len(cache.modalities) < 2:
+        raise BadInputError(cache.path, f"--augment dropout drops one of two or more modalities; this cache has "
+                                        f"one ({', '.join(cache.modalities)})")
     train_ids, val_ids = saved_split(run.path, labelled) if resume else split_cases(labelled, options)
     border = options.loss == "border-ce"
     train_volumes = load_volumes(cache, train_ids, options.spatial_dims, options.uniform_share, border,
