@@ -222,16 +222,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(lgg_cache, tmp
     assert (tmp_path / "run" / "last.pt").read_bytes() == good
 
 
-def test_channel_count_that_does_not_match_the_model(lgg_cache, tmp_path):
-    train(lgg_cache, out=tmp_path / "run", epochs=1, steps_per_epoch=1, **TINY)
-    narrow = tmp_path / "narrow"
-    shutil.copytree(lgg_cache, narrow)
+def single_modality_copy(cache: Path, narrow: Path) -> None:
+    """A copy of ``cache`` that keeps only its first modality."""
+    shutil.copytree(cache, narrow)
     manifest = json.loads((narrow / "manifest.json").read_text())
     manifest["modalities"] = manifest["modalities"][:1]
     for case_id in manifest["cases"]:
         image = np.load(narrow / "cases" / case_id / "image.npy")
         np.save(narrow / "cases" / case_id / "image.npy", image[:1])
     (narrow / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_channel_count_that_does_not_match_the_model(lgg_cache, tmp_path):
+    train(lgg_cache, out=tmp_path / "run", epochs=1, steps_per_epoch=1, **TINY)
+    narrow = tmp_path / "narrow"
+    single_modality_copy(lgg_cache, narrow)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     config["data"] = str(narrow)
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
@@ -312,13 +317,7 @@ def test_modality_dropout_trains_and_needs_two_modalities(lgg_cache, tmp_path):
     summary = train(lgg_cache, out=tmp_path / "run", epochs=1, steps_per_epoch=1, augment="default,dropout", **TINY)
     assert summary is not None and (tmp_path / "run" / "last.pt").is_file()
     narrow = tmp_path / "narrow"
-    shutil.copytree(lgg_cache, narrow)
-    manifest = json.loads((narrow / "manifest.json").read_text())
-    manifest["modalities"] = manifest["modalities"][:1]
-    for case_id in manifest["cases"]:
-        image = np.load(narrow / "cases" / case_id / "image.npy")
-        np.save(narrow / "cases" / case_id / "image.npy", image[:1])
-    (narrow / "manifest.json").write_text(json.dumps(manifest))
+    single_modality_copy(lgg_cache, narrow)
     with pytest.raises(BadInputError, match=r"--augment dropout .* this cache has one"):
         train(narrow, out=tmp_path / "one", epochs=1, steps_per_epoch=1, augment="dropout", **TINY)
     assert not (tmp_path / "one" / "last.pt").exists()
