@@ -134,7 +134,13 @@ def fold_folder(out: Path, fold: int) -> Path:
     return out / f"{FOLD_PREFIX}{fold}"
 
 
+def fold_index(run: Path) -> int | None:
+    """k of a ``fold_<k>`` run folder, None for any other name."""
+    digits = run.name[len(FOLD_PREFIX):]
+    return int(digits) if run.name.startswith(FOLD_PREFIX) and digits.isdigit() else None
+
+
 def fold_folders(out: Path) -> list[Path]:
     """The fold runs (``fold_<k>`` folders) inside ``out``, in fold order."""
-    runs = [p for p in out.glob(f"{FOLD_PREFIX}*") if p.is_dir() and p.name[len(FOLD_PREFIX):].isdigit()]
-    return sorted(runs, key=lambda p: int(p.name[len(FOLD_PREFIX):]))
+    runs = [p for p in out.glob(f"{FOLD_PREFIX}*") if p.is_dir() and fold_index(p) is not None]
+    return sorted(runs, key=fold_index)

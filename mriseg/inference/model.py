@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from skimage.measure import label as connected_components
 
-from mriseg.checkpoint import FOLD_PREFIX, fold_folders, load_checkpoint, model_from_checkpoint
+from mriseg.checkpoint import fold_folders, fold_index, load_checkpoint, model_from_checkpoint
 from mriseg.data.case import Case
 from mriseg.data.preprocess import PreprocessParams
 from mriseg.devices import choose_device
@@ -173,7 +173,7 @@ def fold_runs(folder: Path) -> list[Path]:
     runs = fold_folders(folder)
     counts = {run.name: fold_total(run) for run in runs}
     known = {count for count in counts.values() if count is not None}
-    stale = [name for name, count in counts.items() if count is not None and int(name[len(FOLD_PREFIX):]) >= count]
+    stale = [run.name for run in runs if counts[run.name] is not None and fold_index(run) >= counts[run.name]]
     if len(known) > 1 or stale:
         described = ", ".join(f"{name}: {count}-fold" for name, count in counts.items())
         raise BadInputError(folder, f"holds folds of different cross-validations ({described}); remove the stale "
