@@ -15,7 +15,8 @@ Arms are ``NAME;TRAIN ARGS;PREPROCESS ARGS`` (the last two optional), or ``monai
 With ``--ensemble K`` a mriseg arm trains a K-fold cross-validation of the three training cases
 within the same budget and predicts the held-out case with the fold ensemble.
 
-Prints one row per arm (mean and per-fold Dice) and writes ``results.json`` in ``--out``.
+Prints one row per arm (mean and per-fold Dice) and adds it to ``results.json`` in ``--out``, where
+folds run separately (``--folds 0,1``, then ``--folds 2,3``) join one row per arm and budget.
 """
 
 from __future__ import annotations
@@ -152,6 +153,23 @@ def mean_dice(rows: list[dict], key: str) -> dict[str, float]:
     return {r: sum(row[key][r] for row in rows) / len(rows) for r in REGIONS}
 
 
+def record(path: Path, budget: str, arm: Arm, rows: list[dict]) -> dict:
+    """Add an arm's folds to ``results.json``; folds of an earlier run of the same arm (same
+    options) are kept unless run again, so ``--folds 0,1`` then ``--folds 2,3`` make one table."""
+    everything = json.loads(path.read_text()) if path.exists() else {}
+    earlier = everything.setdefault(budget, {}).get(arm.name, {})
+    same = (earlier.get("train_args"), earlier.get("preprocess_args")) == (arm.train_args, arm.preprocess_args)
+    by_fold = {row["fold"]: row for row in earlier.get("folds", [])} if same else {}
+    by_fold.update({row["fold"]: row for row in rows})
+    merged = [by_fold[fold] for fold in sorted(by_fold)]
+    result = {"train_args": arm.train_args, "preprocess_args": arm.preprocess_args, "folds": merged}
+    for key in [k for k in merged[0] if k.startswith("dice") and all(k in row for row in merged)]:
+        result["mean" + key[len("dice"):]] = mean_dice(merged, key)
+    everything[budget][arm.name] = result
+    path.write_text(json.dumps(everything, indent=2) + "\n")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="3m", help="training wall-clock per fold, e.g. 3m, 15m")
@@ -180,15 +198,7 @@ def main() -> None:
         cache = None if arm.is_peer else prepare(args.out, args.data, cases, arm, args.threads)
         with ThreadPoolExecutor(args.parallel) as pool:
             rows = list(pool.map(lambda f: run_fold(arm, f, cases, args, cache), folds))
-        results[arm.name] = {"train_args": arm.train_args, "preprocess_args": arm.preprocess_args, "folds": rows,
-                             "mean": mean_dice(rows, "dice")}
-        if not arm.is_peer:
-            for key in list(variants(args.tta))[1:]:
-                results[arm.name]["mean_" + key[len("dice_"):]] = mean_dice(rows, key)
-        path = args.out / "results.json"
-        previous = json.loads(path.read_text()) if path.exists() else {}
-        previous.setdefault(args.budget, {})[arm.name] = results[arm.name]
-        path.write_text(json.dumps(previous, indent=2) + "\n")
+        results[arm.name] = record(args.out / "results.json", args.budget, arm, rows)
     print(f"\nbudget {args.budget} per fold, {args.parallel} folds at a time, {args.threads} thread(s) each")
     extra = [key[len("dice_"):] for key in list(variants(args.tta))[1:]]
     print("| arm | mean WT | mean TC | mean ET | WT per fold | " + " | ".join(f"mean WT, {e}" for e in extra) + " |")
