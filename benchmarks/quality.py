@@ -166,7 +166,9 @@ def record(path: Path, budget: str, arm: Arm, rows: list[dict]) -> dict:
     for key in [k for k in merged[0] if k.startswith("dice") and all(k in row for row in merged)]:
         result["mean" + key[len("dice"):]] = mean_dice(merged, key)
     everything[budget][arm.name] = result
-    path.write_text(json.dumps(everything, indent=2) + "\n")
+    from mriseg.files import write_json_atomic  # the project's one atomic writer (REPO is on sys.path by now)
+
+    write_json_atomic(path, everything, indent=2)
     return result
 
 
