@@ -122,11 +122,11 @@ def run_fold(arm: Arm, fold: int, cases: list[str], args: argparse.Namespace, ca
         trained = time.perf_counter() - started
         prediction = folder / "pred-dice"
         model = folder / "run" if args.ensemble else folder / "run" / "last.pt"
-        for key, extra in variants(args.tta).items():
+        for key, extra in variants(args.no_tta).items():
             run(mriseg("predict", str(truth), "--model", str(model), "--out",
                        str(folder / f"pred-{key}"), "--modalities", MODALITIES.rsplit(",", 1)[0], "--overwrite",
                        *extra), log, args.threads)
-    keys = ["dice"] if arm.is_peer else list(variants(args.tta))
+    keys = ["dice"] if arm.is_peer else list(variants(args.no_tta))
     scores = {key: score(prediction if key == "dice" else folder / f"pred-{key}", truth, log, args.threads)
               for key in keys}
     dice = scores["dice"]
@@ -141,11 +141,12 @@ def inner_folds(cases: list[str], count: int) -> list[dict[str, list[str]]]:
              "val": [c for i, c in enumerate(cases) if i % count == k]} for k in range(count)]
 
 
-def variants(tta: bool) -> dict[str, list[str]]:
-    """The predictions scored per mriseg fold: plain, largest component (and with flips, --tta)."""
+def variants(no_tta: bool) -> dict[str, list[str]]:
+    """The predictions scored per mriseg fold: predict's default (flip TTA for 2D models), with the
+    largest component, and (``--no-tta``) without flips."""
     chosen = {"dice": [], "dice_largest_component": ["--largest-component"]}
-    if tta:
-        chosen["dice_tta_largest_component"] = ["--tta", "--largest-component"]
+    if no_tta:
+        chosen["dice_no_tta"] = ["--no-tta"]
     return chosen
 
 
@@ -181,7 +182,8 @@ def main() -> None:
     parser.add_argument("--folds", default="0,1,2,3", help="which folds to run")
     parser.add_argument("--parallel", type=int, default=2, help="folds trained at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per fold")
-    parser.add_argument("--tta", action="store_true", help="also score mriseg's folds with --tta (flips)")
+    parser.add_argument("--no-tta", action="store_true",
+                        help="also score mriseg's folds with predict --no-tta (no flips)")
     parser.add_argument("--ensemble", type=int, default=0, metavar="K",
                         help="mriseg arms train K folds of the training cases within the budget (train shares "
                              "it out) and predict the held-out case with their ensemble (each fold's best.pt, "
@@ -202,7 +204,7 @@ def main() -> None:
             rows = list(pool.map(lambda f: run_fold(arm, f, cases, args, cache), folds))
         results[arm.name] = record(args.out / "results.json", args.budget, arm, rows)
     print(f"\nbudget {args.budget} per fold, {args.parallel} folds at a time, {args.threads} thread(s) each")
-    extra = [key[len("dice_"):] for key in list(variants(args.tta))[1:]]
+    extra = [key[len("dice_"):] for key in list(variants(args.no_tta))[1:]]
     print("| arm | mean WT | mean TC | mean ET | WT per fold | " + " | ".join(f"mean WT, {e}" for e in extra) + " |")
     print("|---|---:|---:|---:|---|" + "---:|" * len(extra))
     for name, result in results.items():

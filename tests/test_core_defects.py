@@ -130,7 +130,7 @@ def test_prediction_ignores_a_label_beside_the_input_when_cropping():
 def test_valid_convolution_unet_predicts_a_whole_slice():
     network = build_model("unet", 1, 2, spatial_dims=2, variant="original", features=2).eval()
     image = np.random.default_rng(0).normal(size=(1, 3, 40, 36)).astype(np.float32)
-    logits = predict_logits(network, image, 2, 0, InferenceSettings(amp=False))  # float32, as the direct pass
+    logits = predict_logits(network, image, 2, 0, InferenceSettings(amp=False, tta=False))  # float32, as the direct pass
     assert tuple(logits.shape) == (2, 3, 40, 36)
     # the same as one direct pass on the slice centred in a 236 x 220 input (output 184 smaller)
     padded = torch.nn.functional.pad(torch.from_numpy(image[:, 0])[None], (92, 220 - 36 - 92, 92, 236 - 40 - 92))
@@ -290,3 +290,21 @@ def test_multiclass_validation_channels_are_named_after_their_classes():
     [record] = validate(network, [Volume("c", image, label, 0)], task, build_loss("ce", "softmax", -1),
                         TrainOptions(spatial_dims=2), choose_precision(torch.device("cpu")))
     assert len(record["channels"]) == 2
+
+
+def test_flip_tta_is_on_by_default_for_2d_models_and_off_for_3d():
+    """The default views are the engine's rule: mean of the 4 mirrored views in 2D, the plain view in 3D."""
+    torch.manual_seed(0)
+    image = np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32)
+    conv2d = torch.nn.Conv2d(1, 2, 3, padding=1).eval()
+    default = predict_logits(conv2d, image, 2, 0, InferenceSettings())
+    plain = predict_logits(conv2d, image, 2, 0, InferenceSettings(tta=False))
+    with torch.no_grad():  # independent: average the network over the four flips of every slice by hand
+        slices = torch.from_numpy(image).permute(1, 0, 2, 3)
+        views = [(), (2,), (3,), (2, 3)]
+        by_hand = sum(conv2d(slices.flip(v)).flip(v) for v in views) / 4
+    assert torch.allclose(default, by_hand.permute(1, 0, 2, 3), atol=1e-5)
+    assert not torch.allclose(default, plain, atol=1e-3)
+    conv3d = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+    assert torch.equal(predict_logits(conv3d, image, 3, 2, InferenceSettings()),
+                       predict_logits(conv3d, image, 3, 2, InferenceSettings(tta=False)))

@@ -46,8 +46,10 @@ def evaluate_command(
                                rich_help_panel="With --model"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --model: slices or patches per batch.",
                                    rich_help_panel="With --model"),
-    tta: bool = typer.Option(False, "--tta", help="With --model: average predictions over flips.",
-                             rich_help_panel="With --model"),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta",
+                                       help="With --model: average predictions over flips (default: on for "
+                                            "2D models, off for 3D).",
+                                       rich_help_panel="With --model"),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp",
                                        help="With --model: mixed precision (default: as predict's).",
                                        rich_help_panel="With --model"),

@@ -31,8 +31,10 @@ def predict(
                                              rich_help_panel="Inference"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices (2D) or windows (3D) per forward pass.",
                                    rich_help_panel="Inference"),
-    tta: bool = typer.Option(False, "--tta", help="Average predictions over all axis flips.",
-                             rich_help_panel="Inference"),
+    tta: Optional[bool] = typer.Option(None, "--tta/--no-tta",
+                                       help="Average predictions over all axis flips. Default: on for 2D "
+                                            "models, off for 3D (8 views; slow on a CPU).",
+                                       rich_help_panel="Inference"),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp",
                                        help="Mixed precision: bfloat16 (float16 on GPUs without it). Default: on "
                                             "for CPUs with native bfloat16, else off.", rich_help_panel="Inference"),

@@ -69,7 +69,7 @@ def scheme_from_task(task: Task) -> tuple[Region, ...] | None:
 
 def evaluate_model(model: Path | Sequence[Path], data: Path, out: Path, regions: str = "auto", empty: str = "score",
                    overwrite: bool = False, modalities: str | None = None, device: str = "auto",
-                   batch_size: int = 8, tta: bool = False, largest_component: bool = False,
+                   batch_size: int = 8, tta: bool | None = None, largest_component: bool = False,
                    interpolation: str = "linear", amp: bool | None = None,
                    channels_last: bool | None = None) -> EvaluationResult:
     """Predict every labelled case of ``data`` with ``model`` in memory and score it; nothing but the

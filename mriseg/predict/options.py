@@ -31,7 +31,7 @@ class PredictOptions:
     overlap: float = 0.5
     batch_size: int = 8
     patch_size: tuple[int, ...] | None = None
-    tta: bool = False
+    tta: bool | None = None                      # None: the engine's rule (on for 2D, off for 3D)
     amp: bool | None = None                      # None: the device's default (mriseg.devices.choose_precision)
     channels_last: bool | None = None
     device: str = "auto"

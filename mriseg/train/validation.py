@@ -41,7 +41,7 @@ def validate(model: nn.Module, volumes: list[Volume], task: Task, loss_fn, optio
     checkpoint's validation Dice is what scoring it on the cached grid gives.
     """
     settings = InferenceSettings(patch_size=options.patch_size if options.spatial_dims == 3 else None,
-                                 batch_size=options.batch_size, amp=precision.dtype is not None,
+                                 batch_size=options.batch_size, tta=False, amp=precision.dtype is not None,
                                  channels_last=precision.channels_last)
     records = []
     for volume in volumes:
