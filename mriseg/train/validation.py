@@ -38,7 +38,8 @@ def validate(model: nn.Module, volumes: list[Volume], task: Task, loss_fn, optio
 
     The volume is predicted by the one inference engine (:func:`mriseg.inference.predict_logits`,
     the same call ``predict`` and ``evaluate --model`` make) and decoded by the task, so a
-    checkpoint's validation Dice is what scoring it on the cached grid gives.
+    checkpoint's validation Dice is what scoring it on the cached grid without flips (``--no-tta``)
+    gives; validation skips flip TTA to keep each check a single pass.
     """
     settings = InferenceSettings(patch_size=options.patch_size if options.spatial_dims == 3 else None,
                                  batch_size=options.batch_size, tta=False, amp=precision.dtype is not None,
