@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -70,9 +71,26 @@ def check_writable_folder(folder: Path) -> None:
         raise BadInputError(folder, f"output folder is not writable: {error.strerror or error}") from error
 
 
+_STALE_FOLDER = re.compile(r"\..+\.[0-9a-f]{32}\.(tmp|old)")
+
+
+def temporary_folder_beside(final: Path) -> Path:
+    """A hidden, unique name beside ``final`` to build a folder under before ``replace_folder``."""
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+
+
+def remove_stale_folders(folder: Path) -> None:
+    """Delete what an interrupted ``replace_folder`` left in ``folder``: half-built ``.*.tmp`` folders
+    and ``.*.old`` versions that a kill stopped between the renames and the delete."""
+    for stale in folder.glob(".*"):
+        if _STALE_FOLDER.fullmatch(stale.name):  # only names these two functions make
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def replace_folder(temporary: Path, final: Path) -> None:
     """Move a finished folder into place; an old version is moved aside first, then deleted, so a
-    reader sees the old folder or the new one, never a mixture."""
+    reader sees the old folder or the new one, never a mixture (``remove_stale_folders`` deletes
+    what a kill between the steps leaves)."""
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.{uuid.uuid4().hex}.old")

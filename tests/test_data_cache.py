@@ -74,13 +74,56 @@ def test_interrupted_run_is_not_a_valid_cache_and_a_rerun_finishes(lgg, tmp_path
     del manifest["cases"]["TCGA_SY_0003_19990101"]
     manifest["complete"] = False
     manifest_path.write_text(json.dumps(manifest))
-    (tmp_path / "cache" / "cases" / ".TCGA_SY_0003_19990101.abc.tmp").mkdir()  # a half-written case
+    (tmp_path / "cache" / "cases" / f".TCGA_SY_0003_19990101.{'ab' * 16}.tmp").mkdir()  # a half-written case
     with pytest.raises(BadInputError, match="unfinished"):
         open_cache(tmp_path / "cache")
     summary = build_cache(lgg, tmp_path / "cache", PreprocessParams())
     assert summary.written == ["TCGA_SY_0003_19990101"]
     assert len(open_cache(tmp_path / "cache")) == 3
     assert not list((tmp_path / "cache" / "cases").glob(".*"))
+
+
+@pytest.mark.parametrize("killed_at", ["between the renames", "before the old copy is deleted"])
+def test_a_kill_inside_a_case_replacement_is_repaired_by_the_next_run(lgg, tmp_path, monkeypatch, killed_at):
+    """Redoing a case moves the old folder aside, renames the new one in, then deletes the old one; a
+    kill at either gap leaves hidden folders (and, at the first, no case folder) that the next run
+    must clean up, redoing the case."""
+    import mriseg.files
+
+    params = PreprocessParams()
+    build_cache(lgg, tmp_path / "cache", params)
+    touched = list_cases(lgg)[1]
+    stat = touched.image_paths[0].stat()
+    os.utime(touched.image_paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if killed_at == "between the renames":
+        real_replace = os.replace
+
+        def replace_then_die(source, target):
+            if str(source).endswith(".tmp"):  # the old folder is already aside
+                raise KeyboardInterrupt
+            real_replace(source, target)
+
+        monkeypatch.setattr(mriseg.files.os, "replace", replace_then_die)
+    else:
+        monkeypatch.setattr(mriseg.files.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(lgg, tmp_path / "cache", params)
+    monkeypatch.undo()
+    cases = tmp_path / "cache" / "cases"
+    assert list(cases.glob(".*.old")), "the simulated kill left no old copy: the test tests nothing"
+    summary = build_cache(lgg, tmp_path / "cache", params)
+    assert summary.written == [touched.case_id]
+    assert not list(cases.glob(".*")), "the re-run left hidden folders behind"
+    fresh = build_cache(lgg, tmp_path / "reference", params)
+    assert fresh.written and len(open_cache(tmp_path / "cache")) == 3
+    for case_id in open_cache(tmp_path / "reference").case_ids:
+        for name in ("image.npy", "label.npy"):
+            np.testing.assert_array_equal(np.load(cases / case_id / name),
+                                          np.load(tmp_path / "reference" / "cases" / case_id / name))
 
 
 def test_open_cache_refuses_other_formats(tmp_path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ import numpy as np
 from mriseg import __version__, log
 from mriseg.data.preprocess import PreprocessParams, preprocess_case
 from mriseg.data.readers import CaseRef, label_names_for, label_scheme, list_cases, read_case
-from mriseg.files import refuse_output_over_inputs, replace_folder, write_json_atomic
+from mriseg.files import (refuse_output_over_inputs, remove_stale_folders, replace_folder,
+                          temporary_folder_beside, write_json_atomic)
 from mriseg.errors import BadInputError, MrisegError
 
 FORMAT = "mriseg-cache"
@@ -58,7 +58,7 @@ def process_one(ref: CaseRef, params_dict: dict, cases_dir: str, require_label: 
                             "(pass --allow-unlabelled to cache images only)")
     image, label, record = preprocess_case(case, params)
     final = Path(cases_dir) / ref.case_id
-    temporary = final.with_name(f".{ref.case_id}.{uuid.uuid4().hex}.tmp")
+    temporary = temporary_folder_beside(final)
     try:
         temporary.mkdir(parents=True)
         np.save(temporary / "image.npy", image)
@@ -190,8 +190,7 @@ def _prepare_cases_folder(out: Path) -> Path:
         cases_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise MrisegError(f"{out}: cannot create the cache folder ({error.strerror})") from error
-    for stale in cases_dir.glob(".*.tmp"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_folders(cases_dir)  # left by an interrupted run
     return cases_dir
 
 

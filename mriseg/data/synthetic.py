@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 
 from mriseg import log
 from mriseg import options as checks
-from mriseg.files import replace_folder
+from mriseg.files import replace_folder, temporary_folder_beside
 from mriseg.errors import BadInputError, MrisegError
 
 # Tissue indices of the phantom.
@@ -247,7 +246,7 @@ def write_synthetic(out: str | Path, layout: str = "lgg", cases: int = 16, seed:
         case_id = ids[index]
         phantom = make_phantom(grid, _case_rng(seed, index), tumour=_has_tumour(index))
         final = out / case_id
-        temporary = out / f".{case_id}.{uuid.uuid4().hex}.tmp"
+        temporary = temporary_folder_beside(final)
         temporary.mkdir()
         try:
             (_write_lgg_case if layout == "lgg" else _write_brats_case)(temporary, case_id, phantom)
@@ -289,7 +288,7 @@ def default_dataset(layout: str = "lgg") -> Path:
             return cache
         log.info(f"generating the default synthetic {layout} dataset in {cache} (once)")
         raw = root / f"{name}-raw"
-        work = root / f".{name}.{uuid.uuid4().hex}.tmp"
+        work = temporary_folder_beside(cache)
         try:
             write_synthetic(raw, layout=layout, cases=spec["cases"], seed=spec["seed"], size=spec["size"],
                             overwrite=True)
