@@ -297,8 +297,9 @@ def test_flip_tta_is_on_by_default_for_2d_models_and_off_for_3d():
     torch.manual_seed(0)
     image = np.random.default_rng(0).normal(size=(1, 4, 8, 8)).astype(np.float32)
     conv2d = torch.nn.Conv2d(1, 2, 3, padding=1).eval()
-    default = predict_logits(conv2d, image, 2, 0, InferenceSettings())
-    plain = predict_logits(conv2d, image, 2, 0, InferenceSettings(tta=False))
+    # float32 on every CPU (a CPU with native bfloat16 would autocast by default and miss 1e-5)
+    default = predict_logits(conv2d, image, 2, 0, InferenceSettings(amp=False))
+    plain = predict_logits(conv2d, image, 2, 0, InferenceSettings(tta=False, amp=False))
     with torch.no_grad():  # independent: average the network over the four flips of every slice by hand
         slices = torch.from_numpy(image).permute(1, 0, 2, 3)
         views = [(), (2,), (3,), (2, 3)]
@@ -306,5 +307,5 @@ def test_flip_tta_is_on_by_default_for_2d_models_and_off_for_3d():
     assert torch.allclose(default, by_hand.permute(1, 0, 2, 3), atol=1e-5)
     assert not torch.allclose(default, plain, atol=1e-3)
     conv3d = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
-    assert torch.equal(predict_logits(conv3d, image, 3, 2, InferenceSettings()),
-                       predict_logits(conv3d, image, 3, 2, InferenceSettings(tta=False)))
+    assert torch.equal(predict_logits(conv3d, image, 3, 2, InferenceSettings(amp=False)),
+                       predict_logits(conv3d, image, 3, 2, InferenceSettings(tta=False, amp=False)))
