@@ -89,6 +89,39 @@ def label_scheme(values: Sequence[int] | set[int], naming: str = "") -> str:
     return "multiclass"
 
 
+def _is_enhancing(name: str) -> bool:
+    words = name.lower().replace("-", " ").replace("_", " ")
+    return "enhanc" in words and "non enhanc" not in words and "nonenhanc" not in words
+
+
+def _is_oedema(name: str) -> bool:
+    return any(word in name.lower() for word in ("oedema", "edema"))
+
+
+def regions_from_label_names(names: Sequence[tuple[int, str]]) -> tuple[Region, ...] | None:
+    """WT / TC / ET of a dataset whose labels are *named* (nnU-Net / MSD dataset.json), from the names
+    rather than from one convention's numbers: WT every tumour label, TC all but oedema, ET the
+    enhancing label(s) ("non-enhancing" is not enhancing). None unless exactly one label is oedema
+    and at least one is enhancing tumour. MSD Task01, BraTS 2013-2021 and BraTS 2023 (and a BraTS
+    dataset written by ``mriseg convert``) all come out right whatever their numbering.
+    """
+    tumour = tuple(sorted(int(value) for value, _ in names if value))
+    oedema = [int(value) for value, name in names if value and _is_oedema(name)]
+    enhancing = tuple(sorted(int(value) for value, name in names if value and _is_enhancing(name)))
+    if len(oedema) != 1 or not enhancing or oedema[0] in enhancing:
+        return None
+    core = tuple(value for value in tumour if value != oedema[0])
+    return Region("WT", tumour), Region("TC", core), Region("ET", enhancing)
+
+
+def scheme_of_regions(regions: tuple[Region, ...]) -> str | tuple[Region, ...]:
+    """The name of a known region scheme with exactly these regions, else the regions themselves."""
+    for name, known in REGION_SCHEMES.items():
+        if known == regions:
+            return name
+    return regions
+
+
 def regions_of_scheme(scheme: str) -> tuple[Region, ...] | None:
     """The regions a label scheme is trained and scored on, or None when it has none."""
     return REGION_SCHEMES.get(REGION_SCHEME_OF.get(scheme, scheme))

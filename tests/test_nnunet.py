@@ -230,3 +230,51 @@ def test_convert_cli_refuses_bad_names_and_an_output_inside_the_source(tmp_path)
     inside = subprocess.run([sys.executable, "-m", "mriseg", "convert", str(tmp_path / "lgg"), str(tmp_path / "lgg"),
                              "--dataset-id", "3", "--name", "x"], capture_output=True, text=True)
     assert inside.returncode == 2 and "Traceback" not in inside.stderr
+
+
+@pytest.mark.parametrize("names, expected", [
+    # MSD Task01's dataset.json
+    ({1: "edema", 2: "non-enhancing tumor", 3: "enhancing tumour"}, ((1, 2, 3), (2, 3), (3,))),
+    # BraTS 2013 as mriseg convert names it: 4 is enhancing, 3 is not
+    ({1: "necrosis", 2: "oedema", 3: "non-enhancing tumour", 4: "enhancing tumour"},
+     ((1, 2, 3, 4), (1, 3, 4), (4,))),
+    # BraTS 2021 converted with --label-map 4:3
+    ({1: "necrotic and non-enhancing tumour core", 2: "oedema", 3: "enhancing tumour"}, ((1, 2, 3), (1, 3), (3,))),
+    ({1: "NCR", 2: "ED", 3: "ET"}, None),                        # abbreviations: scored label by label
+    ({1: "non-enhancing", 2: "necrosis"}, None),
+])
+def test_tumour_regions_come_from_the_label_names_not_one_numbering(names, expected):
+    from mriseg.labels import regions_from_label_names
+
+    regions = regions_from_label_names([(0, "background"), *names.items()])
+    assert (None if regions is None else tuple(r.labels for r in regions)) == expected
+
+
+def test_evaluate_on_a_converted_brats_dataset_scores_the_true_regions(tmp_path):
+    """A BraTS dataset converted to nnU-Net keeps its numbering (4 = enhancing): auto regions must be
+    BraTS's, checked against WT/TC/ET Dice computed here with numpy."""
+    from mriseg.convert import convert_to_nnunet
+    from mriseg.data.synthetic import write_synthetic
+
+    write_synthetic(tmp_path / "brats", layout="brats", cases=2, seed=1, size=(24, 24, 12))
+    for case in list_cases(tmp_path / "brats"):  # BraTS 2013 numbering: add label 3 inside the core
+        image = nib.load(case.label_paths[0])
+        label = np.asarray(image.dataobj).astype(np.uint8)
+        label[(label == 1) & (np.indices(label.shape)[0] % 2 == 0)] = 3
+        nib.save(nib.Nifti1Image(label, image.affine), str(case.label_paths[0]))
+    root = convert_to_nnunet(tmp_path / "brats", tmp_path / "raw", 9, "B13")
+    (tmp_path / "pred").mkdir()
+    expected = {}
+    for case in list_cases(root):
+        image = nib.load(case.label_paths[0])
+        truth = np.asarray(image.dataobj).astype(np.uint8)
+        pred = np.roll(truth, 1, axis=0)
+        nib.save(nib.Nifti1Image(pred, image.affine), str(tmp_path / "pred" / f"{case.case_id}.nii.gz"))
+        for name, labels in (("WT", (1, 2, 3, 4)), ("TC", (1, 3, 4)), ("ET", (4,))):
+            a, b = np.isin(pred, labels), np.isin(truth, labels)
+            expected[case.case_id, name] = 2 * (a & b).sum() / (a.sum() + b.sum())
+    summary = evaluate(tmp_path / "pred", root, tmp_path / "eval")
+    got = {(row.case_id, row.region): row.scores.dice for row in summary.rows}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key

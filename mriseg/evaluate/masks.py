@@ -12,7 +12,7 @@ import numpy as np
 
 from mriseg.data.readers import case_id_from_name
 from mriseg.errors import BadInputError, MrisegError
-from mriseg.labels import Region
+from mriseg.labels import Region, regions_from_label_names, scheme_of_regions
 from mriseg.log import warn
 
 
@@ -181,9 +181,9 @@ def scheme_for_dataset(ref: Any) -> str | tuple[Region, ...]:
     if ref.layout == "brats":
         return "brats2023" if ref.naming == "brats2023" else "brats"
     if ref.layout == "msd":
-        names = " ".join(name.lower() for value, name in ref.label_names if value)
-        if "enhanc" in names:
-            return "msd"
+        named = regions_from_label_names(ref.label_names)
+        if named is not None:
+            return scheme_of_regions(named)
         return "binary" if len([value for value, _ in ref.label_names if value]) <= 1 else "labels"
     return "binary"
 

@@ -46,7 +46,7 @@ def evaluate(pred: Path, truth: Path, out: Path, regions: str = "auto", empty: s
     matched, pred_only, truth_only = match_case_ids(pred_cases, truth_source.case_ids, strict)
     if scheme == "auto":
         scheme = truth_source.default_scheme
-        described = scheme if isinstance(scheme, str) else "regions of dataset.json " + ", ".join(
+        described = scheme if isinstance(scheme, str) else "regions of the dataset.json labels " + ", ".join(
             f"{region.name}={list(region.labels or ())}" for region in scheme)
         info(f"label scheme: {described} (from the truth; change with --regions)")
     prepare_output_folder(out, overwrite)
