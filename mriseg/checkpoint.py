@@ -13,6 +13,7 @@ somewhere else can never execute code. Its keys (see docs/architecture.md):
 from __future__ import annotations
 
 import pickle
+import zipfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # Neither torch.save's zip archive nor a pickle: a text file, an image, a NIfTI ...
         raise BadInputError(path, "not a checkpoint: neither a torch.save archive nor a pickle "
                                   f"(the file starts with {head!r}); pass a run folder or its best.pt")
+    if head.startswith(TORCH_SAVE_MAGICS[0]):
+        _check_archive(path)
     try:
         with warnings.catch_warnings():  # a foreign pickle's protocol warning is noise next to our error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -98,6 +101,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise BadInputError(path, f"checkpoint is missing {', '.join(missing)}")
     document["path"] = str(path)
     return document
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse a torch.save archive whose stored CRC-32s do not match its bytes: torch.load does not
+    check them, so flipped bits in the weights would load and predict without a word."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
+        raise BadInputError(path, f"not a readable checkpoint (truncated or corrupt?): {_first_line(error)}") from error
+    if damaged is not None:
+        raise BadInputError(path, f"checkpoint is corrupt: {damaged} does not match its checksum "
+                                  "(a damaged copy? copy it again)")
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:

@@ -218,3 +218,29 @@ def test_any_damaged_checkpoint_is_a_one_line_error(data, checkpoint_bytes, tmp_
         load_checkpoint(path)
     except BadInputError as error:
         assert "best.pt" in str(error) and "\n" not in str(error)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_flipped_bits_in_the_weights_are_refused_not_loaded(data, checkpoint_bytes, tmp_path_factory):
+    """torch.load does not check the archive's CRC-32s: a bit flipped inside a stored tensor would
+    load and predict with damaged weights. Every such flip must be refused."""
+    import io
+    import zipfile
+
+    from mriseg.checkpoint import load_checkpoint
+    from mriseg.errors import BadInputError
+
+    with zipfile.ZipFile(io.BytesIO(checkpoint_bytes)) as archive:
+        tensors = [info for info in archive.infolist() if "/data/" in info.filename and info.file_size]
+    member = data.draw(st.sampled_from(tensors))
+    # a stored member's bytes follow its 30-byte local header, its name and its extra field
+    header = checkpoint_bytes[member.header_offset:member.header_offset + 30]
+    start = member.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    position = start + data.draw(st.integers(0, member.file_size - 1))
+    content = bytearray(checkpoint_bytes)
+    content[position] ^= 1 << data.draw(st.integers(0, 7))
+    path = tmp_path_factory.mktemp("flipped") / "best.pt"
+    path.write_bytes(bytes(content))
+    with pytest.raises(BadInputError, match="best.pt.*checksum"):
+        load_checkpoint(path)
