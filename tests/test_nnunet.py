@@ -278,3 +278,20 @@ def test_evaluate_on_a_converted_brats_dataset_scores_the_true_regions(tmp_path)
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_unnamed_channel_files_are_taken_in_the_models_order_and_that_is_said_once(dataset, tmp_path, capsys):
+    """Without dataset.json the _0000/_0001 files have no names: the model's order is assumed
+    (nnU-Net's convention), never silently: one warning per run names the order taken."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for file in (dataset / "imagesTs").iterdir():
+        (bare / file.name).write_bytes(file.read_bytes())
+    loaded = threshold_model(tmp_path, 2, ["FLAIR", "T1c"], 1, PreprocessParams(norm="max"))
+    results = predict_path(str(bare), loaded, PredictOptions(out=tmp_path / "pred"))
+    assert [r.status for r in results] == ["ok", "ok"]
+    said = [line for line in capsys.readouterr().err.splitlines() if "no names" in line]
+    assert len(said) == 1 and "FLAIR, T1c" in said[0], said
+    for case_id in ("TOY_002", "TOY_003"):  # _0001 is T1c, the channel this model thresholds
+        written = np.asarray(nib.load(tmp_path / "pred" / f"{case_id}.nii.gz").dataobj)
+        np.testing.assert_array_equal(written, np.asarray(nib.load(dataset / "labelsTs" / f"{case_id}.nii.gz").dataobj))

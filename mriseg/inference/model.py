@@ -24,7 +24,7 @@ from mriseg.devices import choose_device
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.inference.engine import CasePrediction, InferenceSettings, Member, predict_ensemble_case
 from mriseg.labels import Task
-from mriseg.log import info
+from mriseg.log import info, warn
 
 DEFAULT_RUN = Path("runs") / "latest"
 # Different datasets name the same sequence differently (BraTS 2021 vs 2023, MSD, LGG).
@@ -43,6 +43,7 @@ class LoadedModel:
     network: torch.nn.Module
     device: torch.device
     others: tuple["LoadedModel", ...] = ()
+    unnamed_channels_said: bool = False     # the channel-order assumption is said once per model
 
     @property
     def members(self) -> list["LoadedModel"]:
@@ -104,6 +105,12 @@ class LoadedModel:
         """The case's channels matched to the checkpoint's, then :func:`~mriseg.inference.predict_case`
         (with the training patch unless ``settings`` names one, and ``threshold`` if given)."""
         selected = select_modalities(case, self.modalities, self.image_channels)
+        if self.modalities and not self.unnamed_channels_said and selected.modalities != list(case.modalities):
+            if len(case.modalities) > 1 and all(GENERIC_CHANNEL_NAME.match(name) for name in case.modalities):
+                self.unnamed_channels_said = True
+                warn(f"{case.source_paths[0] if case.source_paths else case.case_id}: its channels have no "
+                     f"names (no dataset.json or modality names), so they are taken in the model's order: "
+                     f"{', '.join(self.modalities)}; name them (dataset.json, --modalities) if that is wrong")
         task = self.task if threshold is None else replace(self.task, threshold=threshold)
         members = [Member(m.network, m.spatial_dims, m.settings_for(settings)) for m in self.members]
         return predict_ensemble_case(selected, members, task, self.params, settings.interpolation)
