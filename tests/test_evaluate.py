@@ -480,3 +480,20 @@ def test_auto_scheme_follows_the_dataset_and_the_checkpoint():
                                                                               "ET": [4]}}))
     assert [(r.name, r.labels) for r in regions] == [("WT", (1, 2, 4)), ("TC", (1, 4)), ("ET", (4,))]
     assert scheme_from_task(Task.from_dict({"kind": "binary", "labels": [0, 1]})) is None
+
+
+@pytest.mark.parametrize("unit, per_mm", [("micron", 1000.0), ("meter", 0.001), ("mm", 1.0)])
+def test_distances_and_volumes_are_in_mm_whatever_the_niftis_length_unit(tmp_path, unit, per_mm):
+    """1.5 x 1 x 2 mm voxels written in microns or metres must score exactly as in mm (medpy, in mm)."""
+    truth = cube((20, 20, 12), (4, 4, 3), 6)
+    pred = cube((20, 20, 12), (6, 5, 3), 6)
+    spacing = (1.5, 1.0, 2.0)
+    for side, labels in (("pred", pred), ("gt", truth)):
+        (tmp_path / side).mkdir()
+        image = nib.Nifti1Image(labels.astype(np.uint8), np.diag([*(s * per_mm for s in spacing), 1.0]))
+        image.header.set_xyzt_units(unit, "sec")
+        nib.save(image, str(tmp_path / side / "case.nii.gz"))
+    [row] = evaluate(tmp_path / "pred", tmp_path / "gt", tmp_path / "out").rows
+    assert row.scores.hd95 == pytest.approx(medpy_binary.hd95(pred, truth, voxelspacing=spacing))
+    assert row.scores.assd == pytest.approx(medpy_binary.assd(pred, truth, voxelspacing=spacing))
+    assert row.scores.true_ml == pytest.approx(truth.sum() * 3.0 / 1000)

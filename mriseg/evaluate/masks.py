@@ -80,7 +80,7 @@ def read_nifti_mask(path: Path, case_id: str | None = None) -> MaskVolume:
         data = data[..., 0]
     if data.ndim not in (2, 3):
         raise BadInputError(path, f"mask must be 2D or 3D, got shape {data.shape}")
-    zooms = tuple(abs(float(z)) for z in geometry["zooms"][: data.ndim])
+    zooms = tuple(float(z) for z in geometry["spacing_mm"][: data.ndim])
     return MaskVolume(case_id or case_id_from_name(path.name), _as_labels(data, path), zooms, affine, path)
 
 

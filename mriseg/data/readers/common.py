@@ -147,6 +147,10 @@ def nifti_slice_axis(affine: np.ndarray) -> int:
     return int(matches[0]) if matches.size else 2
 
 
+# NIfTI length units (xyzt_units) in mm; "unknown" is read as mm, as nibabel and ITK do.
+MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+
+
 def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a NIfTI file: (array in nibabel's voxel order, affine, header geometry)."""
     import nibabel as nib
@@ -164,6 +168,9 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
             "zooms": [float(z) for z in header.get_zooms()],
             "xyzt_units": int(header["xyzt_units"]),
         }
+        # zooms are in the header's length unit; every distance and volume mriseg reports is in mm
+        geometry["spacing_mm"] = [abs(z) * MM_PER_UNIT.get(header.get_xyzt_units()[0], 1.0)
+                                  for z in geometry["zooms"][:3]]
         affine = np.asarray(image.affine, dtype=np.float64)
         stored = [header.get_sform()] if geometry["sform_code"] > 0 else []
         stored += [header.get_qform()] if geometry["qform_code"] > 0 else []
@@ -322,7 +329,7 @@ def read_nifti_case(ref: CaseRef, channels_last_4d: bool) -> Case:
     if ref.naming:
         geometry["naming"] = ref.naming
     return Case(case_id=ref.case_id, image=image, label=label,
-                spacing=tuple(float(z) for z in geometry["zooms"][:3]), affine=affine, modalities=modalities,
+                spacing=tuple(geometry["spacing_mm"]), affine=affine, modalities=modalities,
                 source_paths=ref.source_paths, layout=ref.layout, slice_axis=nifti_slice_axis(affine),
                 header=geometry)
 
