@@ -519,3 +519,22 @@ def test_single_2d_image_with_brats_regions_gives_labels_1_2_4_named_like_the_so
     body = picture[:40 * scale:scale, :48 * scale:scale]
     for value in (1, 2, 4):
         assert np.array_equal(np.all(body == viz.LABEL_COLOURS[value], axis=-1), viz.outline(expected == value))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_two_inputs_with_one_case_id_never_share_an_output(tmp_path, overwrite):
+    """a/x.nii.gz and b/x.nii.gz (or one file given twice) both map to OUT/x_seg.nii.gz: the first is
+    written, the second is refused naming both inputs (with --overwrite it used to replace the first)."""
+    checkpoint = save_unet_checkpoint(tmp_path / "model.pt", ["t1ce", "flair"])
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        save_volume_file(tmp_path / folder / "x.nii.gz")
+    args = ["predict", "a/x.nii.gz", "b/x.nii.gz", "a/x.nii.gz", "--model", str(checkpoint), "--out", "out",
+            "--json", *(["--overwrite"] if overwrite else [])]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["status"] for line in lines] == ["ok", "failed", "failed"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "b/x.nii.gz" in errors[0] and "already written in this run for a/x.nii.gz" in errors[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_seg.nii.gz"]

@@ -83,9 +83,9 @@ def predict(inputs: Sequence[str], model: str | Path | Sequence[str | Path] | No
     loaded = load_model(model, options.device)
     info(f"precision: {choose_precision(loaded.device, options.amp, options.channels_last).describe()}")
     prepare_output_folder(options.out)
-    results = []
+    results, claimed = [], {}
     for path in progress(paths, description="predict"):
-        for result in predict_path(path, loaded, options):
+        for result in predict_path(path, loaded, options, claimed):
             results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -99,8 +99,14 @@ def prepare_output_folder(out: Path) -> None:
     check_writable_folder(out)
 
 
-def predict_path(path: str, loaded: LoadedModel, options: PredictOptions) -> list[CaseResult]:
-    """Predict the case (or every case of a dataset folder) at ``path``; never raises for bad input."""
+def predict_path(path: str, loaded: LoadedModel, options: PredictOptions,
+                 claimed: dict[Path, str] | None = None) -> list[CaseResult]:
+    """Predict the case (or every case of a dataset folder) at ``path``; never raises for bad input.
+
+    ``claimed`` maps the outputs written so far in this run to their inputs (filled in here), so
+    that two inputs with one case id never write, or overwrite, the same file.
+    """
+    claimed = {} if claimed is None else claimed
     started = time.perf_counter()
     try:
         folder = Path(path)
@@ -117,7 +123,7 @@ def predict_path(path: str, loaded: LoadedModel, options: PredictOptions) -> lis
         started = time.perf_counter()
         case_id = ref.name.split(".")[0] if isinstance(ref, Path) else ref.case_id
         try:
-            result = predict_case(read_case(ref), loaded, options)
+            result = predict_case(read_case(ref), loaded, options, claimed)
             result.input = path
         except MrisegError as error:
             result = CaseResult(case_id=case_id, input=path, status="failed", error=str(error))
@@ -147,10 +153,18 @@ def dataset_subset(folder: Path, subset: str | None) -> Path | None:
     return folder / chosen
 
 
-def predict_case(case: Case, loaded: LoadedModel, options: PredictOptions) -> CaseResult:
-    """Predict with the one engine (:meth:`LoadedModel.predict`), post-process and write."""
+def predict_case(case: Case, loaded: LoadedModel, options: PredictOptions,
+                 claimed: dict[Path, str] | None = None) -> CaseResult:
+    """Predict with the one engine (:meth:`LoadedModel.predict`), post-process and write
+    (``claimed``: outputs already written in this run, by input; see :func:`predict_path`)."""
     truth = labels_for_overlay(case, options.labels) if options.overlay or options.gif else None
     planned = planned_outputs(case, options)
+    source = str(case.source_paths[0]) if case.source_paths else case.case_id
+    taken = [p for p in planned.values() if p.resolve() in (claimed or {})]
+    if taken:
+        raise BadInputError(Path(source), f"its output {taken[0]} was already written in this run for "
+                                          f"{claimed[taken[0].resolve()]} (the same case id {case.case_id!r}); "
+                                          "predict one of them into another --out")
     sources = {Path(p).resolve() for p in case.source_paths}
     clash = [p for p in planned.values() if p.resolve() in sources]
     if clash:
@@ -166,6 +180,8 @@ def predict_case(case: Case, loaded: LoadedModel, options: PredictOptions) -> Ca
     labels = prediction.labels
     truth = loaded.task.truth_labels(truth) if truth is not None else None  # as the model was trained
     outputs = write_outputs(case, labels, prediction.probabilities, loaded, planned, options)
+    if claimed is not None:
+        claimed.update({p.resolve(): source for p in planned.values()})
     if options.overlay or options.gif:
         outputs.update(write_pictures(case, labels, truth, loaded, planned, options))
     return CaseResult(case_id=case.case_id, input=str(case.source_paths[0]) if case.source_paths else "",
