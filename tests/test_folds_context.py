@@ -155,3 +155,31 @@ def test_fold_without_cross_validation_is_refused(dataset, tmp_path):
     split.write_text(json.dumps({"train": ["a"], "val": ["b"]}))
     with pytest.raises(MrisegError, match="--fold 1 needs --folds"):
         train(dataset[1], out=tmp_path / "x", split=str(split), fold=1, **TINY)
+
+
+def test_resume_refuses_other_data_or_model_and_unstarted_folds_keep_the_folds_data(dataset, tmp_path):
+    """--resume used to drop a DATA or --model that differed from the run's without a word, and a
+    fold that had not started when a cross-validation stopped restarted on the embedded default data."""
+    raw, cache = dataset
+    train(cache, out=tmp_path / "one", **TINY)
+    with pytest.raises(BadInputError, match="own data"):
+        train(raw, out=tmp_path / "one", resume=True, epochs=3)
+    with pytest.raises(MrisegError, match="--model attention-unet.*unet run"):
+        train(out=tmp_path / "one", model="attention-unet", resume=True, epochs=3)
+    train(cache, out=tmp_path / "one", resume=True, epochs=3)  # the same DATA is fine
+    train(cache, out=tmp_path / "cv", folds=2, fold=0, **TINY)
+    summary = train(out=tmp_path / "cv", folds=2, resume=True, **TINY)
+    started = json.loads((tmp_path / "cv" / "fold_1" / "config.json").read_text())
+    assert summary["folds"] == 2 and Path(started["data"]).resolve() == cache.resolve()
+
+
+def test_overwrite_clears_every_file_an_earlier_run_wrote(dataset, tmp_path):
+    """A run started with --overwrite and stopped early must not sit beside the old run's files (an
+    old summary.json made a resumed cross-validation take the fold as finished)."""
+    from mriseg.train.run_folder import prepare_run_dir
+
+    train(dataset[1], out=tmp_path / "run", **TINY)
+    written = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert "summary.json" in written and "best.pt" in written
+    prepare_run_dir(tmp_path / "run", overwrite=True, resume=False)  # what a new run does first
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []

@@ -18,7 +18,7 @@ from mriseg.checkpoint import fold_folder, fold_folders
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.files import write_json_atomic
 from mriseg.log import info
-from mriseg.train.run_folder import point_latest_at, resolve_run_dir
+from mriseg.train.run_folder import point_latest_at, read_run_config, resolve_run_dir
 
 def folds_folder(out: str | Path | None, model: str, resume: bool) -> Path:
     """The folder of folds: ``--out``, else ``runs/latest`` (resuming) or ``runs/<model>-<timestamp>``."""
@@ -63,6 +63,8 @@ def train_all_folds(single_run: Callable[..., dict[str, Any]], count: int, data:
     """
     started = time.monotonic()
     budget = settings.get("time_limit")
+    if resume and data is None:  # a fold that starts afresh must train on the folds' data, not the default
+        data = saved_fold_data(out, count)
     point_latest_at(out)  # before the first fold: an interrupted cross-validation resumes from runs/latest
     summaries = []
     for fold in range(count):
@@ -87,3 +89,12 @@ def train_all_folds(single_run: Callable[..., dict[str, Any]], count: int, data:
     info(f"cross-validation done: {count} folds in {out}; mean best val Dice "
          + (f"{summary['mean_best_val_dice']:.4f}" if scores else "n/a"))
     return summary
+
+
+def saved_fold_data(out: Path, count: int) -> str | None:
+    """The DATA the folds of ``out`` were started on (from the first fold's config.json that has one)."""
+    for fold in range(count):
+        config = fold_folder(out, fold) / "config.json"
+        if config.is_file():
+            return read_run_config(config).get("data")
+    return None

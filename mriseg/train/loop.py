@@ -71,7 +71,9 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else None
     run_dir = resolve_run_dir(out, model or "unet", resume, overwrite)
     if resume:
-        options, data, checkpoint = resumed_options(run_dir, settings, rank == 0)
+        options, saved_data, checkpoint = resumed_options(run_dir, settings, rank == 0)
+        refuse_other_run(run_dir, data, saved_data, model, options.model)
+        data = saved_data
     else:
         options, checkpoint = fresh_options(model, settings, choose_device(settings.get("device", "auto")).type), None
         if data is not None:
@@ -100,6 +102,18 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
         run.close()
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def refuse_other_run(run_dir: Path, data: Any, saved_data: str | None, model: str | None, saved_model: str) -> None:
+    """``--resume`` continues the run on its own data and model: a DATA or --model that differ
+    would be ignored, so they are refused rather than silently dropped."""
+    if data is not None and (saved_data is None or Path(data).resolve() != Path(saved_data).resolve()):
+        own = saved_data or "the embedded default dataset"
+        raise BadInputError(Path(data), f"--resume continues {run_dir} on its own data ({own}); leave DATA out, "
+                                        "or start a new run with --out")
+    if model is not None and model != saved_model:
+        raise MrisegError(f"--model {model}: --resume continues {run_dir}, a {saved_model} run; leave --model "
+                          "out, or start a new run with --out")
 
 
 def run_training(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | None, device: torch.device,

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -152,11 +153,16 @@ def resumed_options(run_dir: Path, settings: dict[str, Any], is_writer: bool) ->
     return options, data, checkpoint
 
 
+# The files a run writes in its folder (``--overwrite`` deletes them all before a new run starts).
+RUN_OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl", "train.log", "curves.png", "config.json", "summary.json")
+
+
 def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> None:
     try:
         if overwrite and not resume:
-            for name in ("last.pt", "best.pt", "metrics.jsonl", "train.log", "curves.png", "config.json"):
+            for name in RUN_OUTPUTS:  # an earlier run's files must not sit beside the new run's
                 (path / name).unlink(missing_ok=True)
+            shutil.rmtree(path / "tensorboard", ignore_errors=True)
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
         probe.write_text("")
