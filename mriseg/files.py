@@ -100,6 +100,25 @@ def replace_folder(temporary: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def folder_in_place(final: Path) -> Iterator[Path]:
+    """Yield a hidden temporary folder to fill; when the block ends without error it replaces
+    ``final`` whole (``replace_folder``), so no file of an earlier version is left inside.
+
+    Raises:
+        BadInputError: the folder cannot be created or moved (the temporary folder is removed).
+    """
+    temporary = temporary_folder_beside(final)
+    try:
+        temporary.mkdir(parents=True)
+        yield temporary
+        replace_folder(temporary, final)
+    except OSError as error:
+        raise BadInputError(final, f"cannot write: {error.strerror or error}") from error
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
 def _inside(path: Path, folder: Path) -> bool:
     try:
         path.relative_to(folder)

@@ -538,3 +538,25 @@ def test_two_inputs_with_one_case_id_never_share_an_output(tmp_path, overwrite):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "b/x.nii.gz" in errors[0] and "already written in this run for a/x.nii.gz" in errors[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_seg.nii.gz"]
+
+
+def test_overwrite_replaces_a_slice_mask_folder_and_its_overlays_whole(tmp_path):
+    """A patient predicted again with --overwrite after a slice was removed must not keep the old
+    slice's mask (evaluate would read it) or its overlay."""
+    patient = tmp_path / "TCGA_XX_0001_20000101"
+    write_lgg_patient(patient, slices=4)
+    model = threshold_model(tmp_path, 2, ["pre-contrast", "flair", "post-contrast"], channel=1,
+                            params=PreprocessParams(size=(64, 64), norm="max"))
+    options = PredictOptions(out=tmp_path / "out", overlay=True)
+    [first] = predict_path(str(patient), model, options)
+    assert first.status == "ok", first.error
+    for name in ("TCGA_XX_0001_20000101_4.tif", "TCGA_XX_0001_20000101_4_mask.tif"):
+        (patient / name).unlink()
+    options.overwrite = True
+    [again] = predict_path(str(patient), model, options)
+    assert again.status == "ok", again.error
+    masks = sorted(p.name for p in Path(again.outputs["mask"]).iterdir())
+    assert masks == [f"TCGA_XX_0001_20000101_{n}_mask.tif" for n in range(1, 4)]
+    overlays = sorted(p.name for p in Path(again.outputs["overlays"]).iterdir())
+    assert len(overlays) <= 3 and "TCGA_XX_0001_20000101_4.png" not in overlays
+    assert not [p for p in (tmp_path / "out").rglob(".*")], "temporary folders left behind"

@@ -12,6 +12,7 @@ from mriseg import viz
 from mriseg.data.case import Case
 from mriseg.data.readers import case_id_from_name, read_case
 from mriseg.errors import BadInputError
+from mriseg.files import folder_in_place
 from mriseg.inference import LoadedModel, canonical_modality
 from mriseg.predict.options import PredictOptions
 
@@ -73,14 +74,13 @@ def write_pictures(case: Case, labels: np.ndarray, truth: np.ndarray | None, loa
 
     written: dict[str, Path] = {}
     if options.overlay:
-        folder = planned["overlays"]
-        folder.mkdir(parents=True, exist_ok=True)
         slice_names = case.header.get("slice_names")
-        for index in shown:
-            name = (f"{Path(slice_names[index]).stem}.png" if slice_names and len(slice_names) == count
-                    else f"{case.case_id}_{index:03d}.png")
-            save_picture(viz.save_png, picture(index), folder / name)
-        written["overlays"] = folder
+        with folder_in_place(planned["overlays"]) as folder:  # no overlay of an earlier run stays beside
+            for index in shown:
+                name = (f"{Path(slice_names[index]).stem}.png" if slice_names and len(slice_names) == count
+                        else f"{case.case_id}_{index:03d}.png")
+                save_picture(viz.save_png, picture(index), folder / name)
+        written["overlays"] = planned["overlays"]
     if options.gif:
         frames = [picture(index) for index in (shown or range(count))]
         save_picture(lambda frames_, path: viz.save_gif(frames_, path, options.gif_fps), frames, planned["gif"])

@@ -10,7 +10,7 @@ from PIL import Image
 
 from mriseg.data.case import Case
 from mriseg.data.nifti import write_nifti
-from mriseg.files import atomic_path, write_bytes_atomic
+from mriseg.files import atomic_path, folder_in_place, write_bytes_atomic
 from mriseg.inference import LoadedModel
 from mriseg.predict.options import PredictOptions
 
@@ -55,8 +55,8 @@ def write_outputs(case: Case, labels: np.ndarray, probabilities: np.ndarray, loa
     if case.affine is not None:
         outputs["mask"] = write_nifti(labels, case, planned["mask"])
     elif case.spatial_dims == 3:
-        planned["mask"].mkdir(exist_ok=True)
-        write_slice_masks(labels, case, planned["mask"], binary)
+        with folder_in_place(planned["mask"]) as folder:
+            write_slice_masks(labels, case, folder, binary)
         outputs["mask"] = planned["mask"]
     else:
         outputs["mask"] = write_slice_masks(labels, case, options.out, binary)[0]
