@@ -194,3 +194,14 @@ def test_default_dataset_two_processes_at_once(tmp_path):
     assert outputs[0][0] == outputs[1][0]
     assert sum("generating" in err for _, err in outputs) == 1  # built once, reused by the other
     assert len(open_cache(Path(outputs[0][0].strip()))) == 2
+
+
+def test_force_redoes_every_case_even_with_the_same_parameters(lgg, tmp_path):
+    """The errors for a damaged cache say "re-run mriseg preprocess with --force": that must redo
+    the damaged case even though its sources did not change."""
+    build_cache(lgg, tmp_path / "cache", PreprocessParams())
+    damaged = tmp_path / "cache" / "cases" / "TCGA_SY_0002_19990101" / "image.npy"
+    np.save(damaged, np.zeros((1, 2, 2), np.float32))
+    summary = build_cache(lgg, tmp_path / "cache", PreprocessParams(), force=True)
+    assert len(summary.written) == 3 and not summary.skipped
+    assert len(open_cache(tmp_path / "cache")) == 3 and np.load(damaged).shape[0] == 3

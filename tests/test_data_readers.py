@@ -173,3 +173,26 @@ def test_real_lgg_slices(shared_data):
     assert case.label.sum(axis=(1, 2)).tolist() == [1257, 1539, 1383]  # PROVENANCE.md's 255-valued counts
     # Its FLAIR plane has 1 in every corner but 0 elsewhere outside the head: no constant background.
     assert background_values(case.image).tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("gap", "_5.tif: slice missing"),          # slices 4 and 6 would pass for neighbours
+    ("orphan mask", "_13_mask.tif: mask has no slice image"),
+    ("grey slices", "1 channel.*RGB"),         # manifest would say 3 modalities for 1 channel
+])
+def test_a_damaged_lgg_patient_is_refused_by_name(datasets, tmp_path, damage, match):
+    patient = tmp_path / "TCGA_SY_0001_19990101"
+    patient.mkdir()
+    for file in (datasets["lgg"] / patient.name).glob("*.tif"):
+        (patient / file.name).write_bytes(file.read_bytes())
+    if damage == "gap":
+        for name in ("TCGA_SY_0001_19990101_5.tif", "TCGA_SY_0001_19990101_5_mask.tif"):
+            (patient / name).unlink()
+    elif damage == "orphan mask":
+        (patient / "TCGA_SY_0001_19990101_13_mask.tif").write_bytes(
+            (patient / "TCGA_SY_0001_19990101_12_mask.tif").read_bytes())
+    else:
+        for file in patient.glob("*[0-9].tif"):
+            Image.fromarray(np.asarray(Image.open(file))[..., 1]).save(file)
+    with pytest.raises(BadInputError, match=match):
+        read_case(list_cases(patient)[0])

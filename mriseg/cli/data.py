@@ -60,7 +60,8 @@ def preprocess(
     dtype: str = typer.Option("float16", help="Image storage type: float16 | float32.",
                               rich_help_panel="Preprocessing"),
     workers: int = typer.Option(1, min=1, help="Cases processed in parallel.", rich_help_panel="Output"),
-    force: bool = typer.Option(False, help="Rebuild a cache made with other parameters.", rich_help_panel="Output"),
+    force: bool = typer.Option(False, help="Rebuild the cache: redo every case (needed for a cache made with "
+                               "other parameters).", rich_help_panel="Output"),
     skip_bad: bool = typer.Option(False, help="Go on past bad cases and list them at the end.",
                                   rich_help_panel="Input"),
     allow_unlabelled: bool = typer.Option(False, help="Cache cases that have no label (images only).",

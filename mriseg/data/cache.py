@@ -169,6 +169,8 @@ def build_cache(source: str | Path, out: str | Path, params: PreprocessParams, l
 def _previous_manifest(out: Path, params: PreprocessParams, layout: str, force: bool) -> dict[str, Any] | None:
     """The manifest of an earlier run into ``out`` with the same parameters (None: start afresh)."""
     if (out / MANIFEST).exists():
+        if force:  # a rebuild redoes every case, also one whose files were damaged after it was written
+            return None
         previous = _load_manifest(out)
         if previous["params"] == params.to_dict() and previous.get("layout") == layout:
             return previous

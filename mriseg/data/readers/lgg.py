@@ -35,9 +35,7 @@ def list_lgg(root: Path) -> list[CaseRef]:
         if not slices:
             raise BadInputError(folder, "has masks but no slice images <patient>_<n>.tif")
         numbers = sorted(slices)  # integer order: 2 before 10
-        missing = [slices[n].name for n in numbers if n not in masks]
-        if masks and missing:
-            raise BadInputError(folder / missing[0], f"slice has no mask (expected {missing[0][:-4]}_mask.tif)")
+        check_slice_numbers(folder, slices, masks)
         refs.append(CaseRef(
             case_id=folder.name, layout="lgg",
             image_paths=tuple(slices[n] for n in numbers),
@@ -47,9 +45,30 @@ def list_lgg(root: Path) -> list[CaseRef]:
     return refs
 
 
+def check_slice_numbers(folder: Path, slices: dict[int, Path], masks: dict[int, Path]) -> None:
+    """One patient's slices must be consecutive (stacked with a gap, the slices either side of it
+    would pass for neighbours in 3D), and masks and slices must pair up one to one."""
+    numbers = sorted(slices)
+    gaps = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
+    if gaps:
+        stem = slices[numbers[0]].name.rsplit("_", 1)[0]
+        raise BadInputError(folder / f"{stem}_{gaps[0]}.tif", f"slice missing: the patient's slices run "
+                                                              f"{numbers[0]}..{numbers[-1]} with {len(gaps)} gap(s)")
+    missing = [slices[n].name for n in numbers if n not in masks]
+    if masks and missing:
+        raise BadInputError(folder / missing[0], f"slice has no mask (expected {missing[0][:-4]}_mask.tif)")
+    orphans = [masks[n] for n in sorted(masks) if n not in slices]
+    if orphans:
+        raise BadInputError(orphans[0], "mask has no slice image beside it (expected "
+                                        f"{orphans[0].name.replace('_mask.tif', '.tif')})")
+
+
 def read_lgg(ref: CaseRef) -> Case:
     slices = [image_channels(read_image_2d(p), p) for p in ref.image_paths]
     first = slices[0]
+    if first.shape[0] != len(LGG_MODALITIES):
+        raise BadInputError(ref.image_paths[0], f"slice has {first.shape[0]} channel(s); kaggle_3m slices are RGB: "
+                                                f"{', '.join(LGG_MODALITIES)}")
     for path, array in zip(ref.image_paths, slices):
         if array.shape != first.shape:
             raise BadInputError(path, f"slice shape {array.shape[1:]} x{array.shape[0]} channels differs from "
