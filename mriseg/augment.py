@@ -81,15 +81,17 @@ def parse_augment(spec: str) -> AugmentConfig:
         if name == "default":  # "default,dropout": the defaults plus what follows
             chosen.update(asdict(defaults))
         elif name == "flip":
-            chosen["flip"] = True
-        elif name == "intensity":
-            chosen["intensity_shift"], chosen["intensity_scale"] = defaults.intensity_shift, defaults.intensity_scale
+            if raw not in ("", "1", "0", "on", "off", "true", "false"):
+                raise MrisegError(f"--augment: flip={raw!r}; flip takes no value, or on/off")
+            chosen["flip"] = raw not in ("0", "off", "false")
+        elif name == "intensity":  # both ranges, the default ones or the value given
+            value = _number(name, raw) if raw else None
+            chosen["intensity_shift"] = defaults.intensity_shift if value is None else value
+            chosen["intensity_scale"] = defaults.intensity_scale if value is None else value
         elif name in _KEYS:
             field = _KEYS[name]
-            try:
-                chosen[field] = type(getattr(defaults, field))(raw) if raw else getattr(defaults, field)
-            except ValueError:
-                raise MrisegError(f"--augment: {name}={raw!r} is not a number") from None
+            chosen[field] = type(getattr(defaults, field))(_number(name, raw, integer=field == "elastic_spacing")) \
+                if raw else getattr(defaults, field)
             if not raw and name in _DEFAULT_WHEN_NAMED:
                 chosen[field] = _DEFAULT_WHEN_NAMED[name]
         else:
@@ -98,6 +100,16 @@ def parse_augment(spec: str) -> AugmentConfig:
     config = AugmentConfig(**chosen)
     check_augment(config)
     return config
+
+
+def _number(name: str, raw: str, integer: bool = False) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise MrisegError(f"--augment: {name}={raw!r} is not a number") from None
+    if integer and not value.is_integer():
+        raise MrisegError(f"--augment: {name}={raw!r} is not a whole number")
+    return value
 
 
 # off by default, so naming one without a value needs a range of its own

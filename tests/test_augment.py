@@ -91,6 +91,18 @@ def test_every_range_out_of_bounds_is_one_clear_error(spec):
         parse_augment(spec)
 
 
+def test_every_value_given_is_used_or_refused_never_ignored():
+    assert not parse_augment("default,flip=0").flip and not parse_augment("flip=off,rotate=5").flip
+    assert parse_augment("flip=on").flip and parse_augment("flip").flip
+    intensity = parse_augment("intensity=0.5")
+    assert (intensity.intensity_shift, intensity.intensity_scale) == (0.5, 0.5)
+    assert parse_augment("intensity") == parse_augment("shift,gain")
+    for spec, match in (("flip=2", "flip takes no value"), ("intensity=much", "not a number"),
+                        ("spacing=2.5", "not a whole number")):
+        with pytest.raises(MrisegError, match=match):
+            parse_augment(spec)
+
+
 def test_default_in_a_list_adds_to_the_defaults():
     parsed = parse_augment("default,dropout")
     assert parsed == AugmentConfig(modality_dropout=0.25)

@@ -560,3 +560,17 @@ def test_overwrite_replaces_a_slice_mask_folder_and_its_overlays_whole(tmp_path)
     overlays = sorted(p.name for p in Path(again.outputs["overlays"]).iterdir())
     assert len(overlays) <= 3 and "TCGA_XX_0001_20000101_4.png" not in overlays
     assert not [p for p in (tmp_path / "out").rglob(".*")], "temporary folders left behind"
+
+
+def test_threshold_on_a_multiclass_model_is_refused_not_ignored(tmp_path):
+    from mriseg.errors import MrisegError
+    from mriseg.predict import predict
+
+    loaded = threshold_model(tmp_path, 2, ["t1ce", "flair"], 0, PreprocessParams(norm="max"),
+                             task={"kind": "multiclass", "labels": [0, 1]})
+    save_volume_file(tmp_path / "x.nii.gz")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mriseg.predict.run.load_model", lambda model, device: loaded)
+        with pytest.raises(MrisegError, match="--threshold 0.7: .*multi-class"):
+            predict([str(tmp_path / "x.nii.gz")], "any", PredictOptions(out=tmp_path / "out", threshold=0.7))
+    assert not (tmp_path / "out").exists()

@@ -81,6 +81,10 @@ def predict(inputs: Sequence[str], model: str | Path | Sequence[str | Path] | No
         paths = take_shard(paths, *shard)
         info(f"shard {shard[0]}/{shard[1]}: {len(paths)} input(s)")
     loaded = load_model(model, options.device)
+    if options.threshold is not None and loaded.task.kind == "multiclass":
+        raise MrisegError(f"--threshold {options.threshold:g}: {loaded.path} is a multi-class (softmax) model, "
+                          "whose labels are the most probable class; --threshold applies to binary and region "
+                          "models only")
     info(f"precision: {choose_precision(loaded.device, options.amp, options.channels_last).describe()}")
     prepare_output_folder(options.out)
     results, claimed = [], {}
