@@ -497,3 +497,22 @@ def test_distances_and_volumes_are_in_mm_whatever_the_niftis_length_unit(tmp_pat
     assert row.scores.hd95 == pytest.approx(medpy_binary.hd95(pred, truth, voxelspacing=spacing))
     assert row.scores.assd == pytest.approx(medpy_binary.assd(pred, truth, voxelspacing=spacing))
     assert row.scores.true_ml == pytest.approx(truth.sum() * 3.0 / 1000)
+
+
+def test_two_label_conventions_are_pointed_out(tmp_path, capsys):
+    """A BraTS 2023-style prediction (enhancing tumour 3) against BraTS 2021 truth (4) scores ET 0
+    everywhere; the mismatch is said, not left for the user to guess from the numbers."""
+    truth = np.zeros((12, 12, 8), np.uint8)
+    truth[2:8, 2:8, 2:6] = 2
+    truth[4:6, 4:6, 3:5] = 4
+    pred = np.where(truth == 4, 3, truth)
+    for side, labels in (("pred", pred), ("gt", truth)):
+        (tmp_path / side).mkdir()
+        save_nifti(tmp_path / side / "case.nii.gz", labels)
+    evaluate(tmp_path / "pred", tmp_path / "gt", tmp_path / "out", regions="brats")
+    said = capsys.readouterr().err
+    assert "labels [3] that no truth case has, and the truth [4]" in said
+    same = np.where(truth == 4, 4, truth)
+    save_nifti(tmp_path / "pred" / "case.nii.gz", np.where(same == 2, 0, same))  # a label missed: no warning
+    evaluate(tmp_path / "pred", tmp_path / "gt", tmp_path / "out2", regions="brats")
+    assert "conventions" not in capsys.readouterr().err

@@ -321,3 +321,16 @@ def test_modality_dropout_trains_and_needs_two_modalities(lgg_cache, tmp_path):
     with pytest.raises(BadInputError, match=r"--augment dropout .* this cache has one"):
         train(narrow, out=tmp_path / "one", epochs=1, steps_per_epoch=1, augment="dropout", **TINY)
     assert not (tmp_path / "one" / "last.pt").exists()
+
+
+def test_labels_that_are_all_background_are_refused_before_training(tmp_path):
+    from PIL import Image
+
+    source = tmp_path / "lgg"
+    write_synthetic(source, layout="lgg", cases=3, seed=0, size=(4, 32, 32))
+    for mask in source.rglob("*_mask.tif"):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask)
+    build_cache(source, tmp_path / "cache", PreprocessParams(size=(32, 32)))
+    with pytest.raises(BadInputError, match="none of the 2 training cases has a tumour label"):
+        train(tmp_path / "cache", out=tmp_path / "run", epochs=1, **TINY)
+    assert not (tmp_path / "run").exists()

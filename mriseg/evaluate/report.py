@@ -138,6 +138,8 @@ class _CaseResult:
     rows: list[RegionRow]
     unscored: list[int]          # non-zero labels no region covers
     spacing_assumed: bool
+    pred_values: set[int]
+    truth_values: set[int]
 
 
 def _score_one(load: PairLoader, scheme: str | tuple[Region, ...], empty: str) -> _CaseResult:
@@ -146,7 +148,8 @@ def _score_one(load: PairLoader, scheme: str | tuple[Region, ...], empty: str) -
     pred, truth = without_ignored(pred, truth)
     return _CaseResult(truth.case_id, score_case(pred, truth, scheme, empty),
                        labels_outside(regions_for_case(scheme, pred, truth), pred, truth),
-                       not truth.spacing_known and not pred.spacing_known)
+                       not truth.spacing_known and not pred.spacing_known,
+                       set(np.asarray(pred.values).tolist()), set(np.asarray(truth.values).tolist()))
 
 
 def _scored_cases(loaders: Iterable[PairLoader], scheme: str | tuple[Region, ...], empty: str,
@@ -170,17 +173,22 @@ def score_and_report(loaders: Iterable[PairLoader], total: int,
     rows: list[RegionRow] = []
     assumed_spacing: list[str] = []
     unscored: dict[int, list[str]] = {}
+    pred_values: set[int] = set()
+    truth_values: set[int] = set()
     for result in progress(_scored_cases(loaders, scheme, empty, workers), total=total,
                            description="scoring"):
         case_id = result.case_id
         if result.spacing_assumed:
             assumed_spacing.append(case_id)
         rows.extend(result.rows)
+        pred_values |= result.pred_values
+        truth_values |= result.truth_values
         for value in result.unscored:
             unscored.setdefault(value, []).append(case_id)
     for value, cases in sorted(unscored.items()):
         warn(f"label {value} is in no scored region ({len(cases)} case(s), e.g. {cases[0]}): it counts as "
              "background; pass --regions to score it")
+    warn_other_convention(pred_values, truth_values)
     if assumed_spacing:
         warn(f"no voxel spacing in the TIF/PNG masks of {len(assumed_spacing)} case(s); 1 mm per axis "
              "assumed, so HD95/ASSD are in voxels and volumes in 1 mm^3 units")
@@ -195,6 +203,17 @@ def score_and_report(loaders: Iterable[PairLoader], total: int,
     if not plot:
         warn("no case has a defined Dice, so dsc.png was not drawn")
     return EvaluationResult(rows=rows, summary=summary, plot=plot, out=out)
+
+
+def warn_other_convention(pred_values: set[int], truth_values: set[int]) -> None:
+    """Labels only the predictions use beside labels only the truth uses, over all cases, are the
+    mark of two label conventions (BraTS 2023 numbers enhancing tumour 3, BraTS 2021 4): the
+    scores are then of mismatched regions, which no single number shows."""
+    only_pred, only_truth = sorted(pred_values - truth_values - {0}), sorted(truth_values - pred_values - {0})
+    if only_pred and only_truth:
+        warn(f"the predictions use labels {only_pred} that no truth case has, and the truth {only_truth} that "
+             "no prediction has: different label conventions? (BraTS 2023 numbers enhancing tumour 3, BraTS "
+             "2013-2021 4); map the labels or pass --regions")
 
 
 def results_table(result: EvaluationResult) -> Any:

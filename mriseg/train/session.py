@@ -111,6 +111,7 @@ def set_up(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | 
         raise BadInputError(cache.path, f"--augment dropout drops one of two or more modalities; this cache has "
                                         f"one ({', '.join(cache.modalities)})")
     train_ids, val_ids = saved_split(run.path, labelled) if resume else split_cases(labelled, options)
+    refuse_nothing_to_learn(cache, train_ids, task)
     border = options.loss == "border-ce"
     train_volumes = load_volumes(cache, train_ids, options.spatial_dims, options.uniform_share, border,
                                  task.ignore_label if task.ignore_label is not None else options.ignore_index)
@@ -142,6 +143,15 @@ def set_up(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | 
                                            options.foreground_share, options.seed, options.context),
                    val_volumes=val_volumes, description=description,
                    workers=options.workers if options.workers is not None else (4 if device.type == "cuda" else 0))
+
+def refuse_nothing_to_learn(cache: Any, train_ids: list[str], task: Task) -> None:
+    """Training cases whose labels are all background (or ignored) teach "no tumour anywhere":
+    a run on them would end with a model that finds nothing, after all its epochs."""
+    background = {0} | ({task.ignore_label} if task.ignore_label is not None else set())
+    if not any(set(cache.record(case_id).get("label_values", [1])) - background for case_id in train_ids):
+        raise BadInputError(cache.path, f"none of the {len(train_ids)} training cases has a tumour label (every "
+                                        "label is background): nothing to learn; check the masks or --label-map")
+
 
 def build_network(options: TrainOptions, in_channels: int, task: Task, spatial_shape: list[int],
                   checkpoint: dict | None, run_dir: Path, device: torch.device) -> nn.Module:
