@@ -72,8 +72,11 @@ def choice(name: str, value: Any, allowed: Sequence[str]) -> None:
 
 def parse_numbers(text: str | None, option: str, count: int | Sequence[int] | None = None) -> tuple[int, ...] | None:
     """``"128,128,64"`` or ``128x128x64`` -> a tuple of ints; every item must be a whole number."""
-    if text is None or str(text).strip() == "":
+    if text is None:
         return None
+    if str(text).strip() == "":
+        raise MrisegError(f"{option} is empty; give whole numbers separated by commas (e.g. 128,128), or leave "
+                          "the option out")
     parts = str(text).replace("x", ",").split(",")
     try:
         values = tuple(int(part) for part in parts)

@@ -205,3 +205,8 @@ def test_force_redoes_every_case_even_with_the_same_parameters(lgg, tmp_path):
     summary = build_cache(lgg, tmp_path / "cache", PreprocessParams(), force=True)
     assert len(summary.written) == 3 and not summary.skipped
     assert len(open_cache(tmp_path / "cache")) == 3 and np.load(damaged).shape[0] == 3
+
+
+def test_a_label_map_entry_that_matches_nothing_is_said(lgg, tmp_path, capsys):
+    build_cache(lgg, tmp_path / "cache", PreprocessParams(label_map={9: 1}))
+    assert "--label-map: label value(s) [9] occur in no case" in capsys.readouterr().err

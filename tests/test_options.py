@@ -134,3 +134,33 @@ def test_synth_into_an_existing_file_is_one_line(tmp_path, monkeypatch, capsys):
     result = run_main(["synth", str(tmp_path / "data")], cwd=tmp_path, home=tmp_path, monkeypatch=monkeypatch,
                       capsys=capsys)
     assert_refused_in_one_line(result, "not a folder")
+
+
+def test_options_that_would_be_ignored_are_refused(tmp_path):
+    """Each of these used to be accepted and silently do nothing."""
+    import subprocess
+    import sys
+
+    from data_fixtures import make_lgg
+
+    from mriseg.data.cache import build_cache
+    from mriseg.data.preprocess import PreprocessParams
+
+    source = make_lgg(tmp_path / "lgg", cases=3, size=(4, 24, 24))
+    build_cache(source, tmp_path / "cache", PreprocessParams(size=(16, 16)))
+    checks = [
+        (["preprocess", str(source), str(tmp_path / "c2"), "--size", ""], "--size is empty"),
+        (["train", str(tmp_path / "cache"), "--size", "32,32", "--epochs", "1", "--out", str(tmp_path / "r")],
+         "--size preprocess raw DATA"),
+        (["train", str(tmp_path / "cache"), "--modalities", "flair=FLAIR", "--epochs", "1", "--out",
+          str(tmp_path / "r")], "--modalities preprocess raw DATA"),
+        (["evaluate", str(source), str(source), "--regions", "a=-1", "--out", str(tmp_path / "e")],
+         "label values 1 to 65535"),
+    ]
+    for args, expected in checks:
+        result = subprocess.run([sys.executable, "-m", "mriseg", *args], capture_output=True, text=True)
+        assert result.returncode == 2, (args, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0], (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c2").exists()

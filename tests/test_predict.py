@@ -574,3 +574,17 @@ def test_threshold_on_a_multiclass_model_is_refused_not_ignored(tmp_path):
         with pytest.raises(MrisegError, match="--threshold 0.7: .*multi-class"):
             predict([str(tmp_path / "x.nii.gz")], "any", PredictOptions(out=tmp_path / "out", threshold=0.7))
     assert not (tmp_path / "out").exists()
+
+
+def test_patch_size_on_a_2d_model_and_subset_on_a_file_are_refused(tmp_path):
+    from mriseg.errors import MrisegError
+    from mriseg.predict import predict
+
+    loaded = threshold_model(tmp_path, 2, ["t1ce", "flair"], 0, PreprocessParams(norm="max"))
+    save_volume_file(tmp_path / "x.nii.gz")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mriseg.predict.run.load_model", lambda model, device: loaded)
+        with pytest.raises(MrisegError, match="--patch-size .* 2D model"):
+            predict([str(tmp_path / "x.nii.gz")], "any", PredictOptions(out=tmp_path / "o1", patch_size=(16, 16, 16)))
+    [result] = predict_path(str(tmp_path / "x.nii.gz"), loaded, PredictOptions(out=tmp_path / "o2", subset="imagesTr"))
+    assert result.status == "failed" and "--subset imagesTr picks a folder" in result.error

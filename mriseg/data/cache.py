@@ -91,7 +91,8 @@ class PreprocessSummary:
     total: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cache": self.cache, "layout": self.layout, "cases": self.total, "written": len(self.written),
+        return {"cache": self.cache, "layout": self.layout, "cases": self.total - len(self.bad), "found": self.total,
+                "written": len(self.written),
                 "skipped_unchanged": len(self.skipped), "removed": self.removed, "bad": self.bad}
 
 
@@ -158,6 +159,11 @@ def build_cache(source: str | Path, out: str | Path, params: PreprocessParams, l
     if not records:
         raise MrisegError(f"{source}: no case could be preprocessed ({len(summary.bad)} bad)")
     _check_consistent(records, refs)
+    found = {v for record in records.values() for v in record["label_values_original"]}
+    unused = sorted(set(params.label_map) - found)
+    if unused and found:
+        log.warn(f"--label-map: label value(s) {unused} occur in no case (the labels found are {sorted(found)}); "
+                 "that part of the map does nothing")
     if len({tuple(r["shape"]) for r in records.values()}) > 1 and params.size is None:
         log.warn("the cases have different shapes; models trained on whole images in batches need one size (--size)")
     save_manifest(complete=True)

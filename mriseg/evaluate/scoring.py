@@ -127,6 +127,9 @@ def parse_regions(spec: str) -> str | tuple[Region, ...]:
         if not sep or not name.strip() or not labels:
             raise MrisegError(f"--regions {spec!r}: expected one of {', '.join(REGION_CHOICES)} "
                               "or regions like 'WT=1,2,3,4;TC=1,3,4;ET=4'")
+        if any(not 0 < label <= 65535 for label in labels):
+            raise MrisegError(f"--regions {spec!r}: region {name.strip()!r} takes label values 1 to 65535 "
+                              f"(0 is background), got {list(labels)}")
         if name.strip() in {region.name for region in regions}:
             raise MrisegError(f"--regions {spec!r} names region {name.strip()!r} twice")
         regions.append(Region(name.strip(), labels))

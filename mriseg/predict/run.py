@@ -81,6 +81,9 @@ def predict(inputs: Sequence[str], model: str | Path | Sequence[str | Path] | No
         paths = take_shard(paths, *shard)
         info(f"shard {shard[0]}/{shard[1]}: {len(paths)} input(s)")
     loaded = load_model(model, options.device)
+    if options.patch_size is not None and loaded.spatial_dims == 2:
+        raise MrisegError(f"--patch-size sets the sliding window of 3D models; {loaded.path} is a 2D model, which "
+                          "reads whole slices")
     if options.threshold is not None and loaded.task.kind == "multiclass":
         raise MrisegError(f"--threshold {options.threshold:g}: {loaded.path} is a multi-class (softmax) model, "
                           "whose labels are the most probable class; --threshold applies to binary and region "
@@ -114,6 +117,9 @@ def predict_path(path: str, loaded: LoadedModel, options: PredictOptions,
     started = time.perf_counter()
     try:
         folder = Path(path)
+        if options.subset is not None and folder.exists() and not folder.is_dir():
+            raise BadInputError(folder, f"--subset {options.subset} picks a folder of an nnU-Net/MSD dataset; "
+                                        "this is a file")
         subset = dataset_subset(folder, options.subset) if folder.is_dir() else None
         refs = (list_cases(subset, layout="nnunet-images") if subset is not None else
                 list_cases(folder, modalities=options.modalities) if folder.is_dir() else [folder])

@@ -209,6 +209,10 @@ def open_training_data(data: str | Path | None, run_dir: Path, options: TrainOpt
     if not path.exists():
         raise BadInputError(path, "no such file or folder")
     if (path / "manifest.json").is_file():
+        given = [name for name, value in (("--size", options.size), ("--modalities", options.modalities)) if value]
+        if given:  # they preprocess raw DATA; a cache is already preprocessed
+            raise BadInputError(path, f"{' and '.join(given)} preprocess raw DATA, and this is a cache made by mriseg "
+                                      "preprocess; run that again with them, or give the raw dataset")
         return open_cache(path), description
     cache_dir = run_dir / "cache"
     if is_writer and not (cache_dir / "manifest.json").is_file():
