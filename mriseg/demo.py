@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from mriseg import log
+from mriseg.devices import choose_device
 from mriseg.errors import MrisegError
+from mriseg.options import number
 
 DEFAULT_OUT = Path("mriseg-demo")
 
@@ -82,6 +84,10 @@ def prepare_demo_folder(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise MrisegError(f"{out}: exists and is not a folder")
     found = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES) if out.is_dir() else []
+    if others and not found:  # a folder of the user's (a dataset, a home folder), not an earlier demo's
+        raise MrisegError(f"{out}: holds files that are not a demo's ({', '.join(others[:3])}"
+                          f"{' ...' if len(others) > 3 else ''}); choose an empty or new folder with --out")
     if found and not overwrite:
         raise MrisegError(f"{out}: holds an earlier demo ({', '.join(found)}); pass --overwrite to replace it "
                           "or --out to choose another folder")
@@ -159,6 +165,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, layout: str = "lgg", overwrite: bool
     if layout not in PLANS:
         raise MrisegError(f"--layout must be one of {', '.join(PLANS)}, got {layout!r}")
     plan, out = PLANS[layout], Path(out)
+    number("seed", seed, integer=True, low=0, high=2**32 - 1)
+    choose_device(device)  # an unusable --device fails here, not at step 3 of 5
     prepare_demo_folder(out, overwrite)
     seconds: dict[str, float] = {}
     started = time.monotonic()

@@ -101,3 +101,14 @@ def test_unknown_layout_is_a_user_error(tmp_path):
     with pytest.raises(MrisegError, match="--layout"):
         demo_module.run_demo(tmp_path / "demo", layout="msd")
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_folder_that_is_not_a_demo_and_bad_options_are_refused_before_any_step(tmp_path):
+    (tmp_path / "dataset" / "TCGA_X").mkdir(parents=True)
+    with pytest.raises(MrisegError, match="not a demo's \\(TCGA_X\\)"):
+        demo_module.run_demo(tmp_path / "dataset", layout="lgg")
+    assert sorted(p.name for p in (tmp_path / "dataset").iterdir()) == ["TCGA_X"]
+    for bad in ({"seed": -1}, {"device": "nonsense"}):
+        with pytest.raises(MrisegError):
+            demo_module.run_demo(tmp_path / "fresh", layout="lgg", **bad)
+        assert not (tmp_path / "fresh").exists()
