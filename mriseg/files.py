@@ -20,6 +20,12 @@ from typing import Any
 from mriseg.errors import BadInputError
 
 
+def write_error_reason(error: OSError) -> str:
+    """Why a write failed; numpy and tifffile report a short write on a full disk as "N requested
+    and M written", without an errno."""
+    return error.strerror or f"{error}: short write, the disk is probably full"
+
+
 def temporary_beside(path: Path) -> Path:
     """A hidden, unique name in ``path``'s folder that keeps its extensions (writers look at them)."""
     return path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}{''.join(path.suffixes)}")
@@ -38,7 +44,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield temporary
         os.replace(temporary, path)
     except OSError as error:
-        raise BadInputError(path, f"cannot write: {error.strerror or error}") from error
+        raise BadInputError(path, f"cannot write: {write_error_reason(error)}") from error
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -114,7 +120,7 @@ def folder_in_place(final: Path) -> Iterator[Path]:
         yield temporary
         replace_folder(temporary, final)
     except OSError as error:
-        raise BadInputError(final, f"cannot write: {error.strerror or error}") from error
+        raise BadInputError(final, f"cannot write: {write_error_reason(error)}") from error
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 

@@ -234,3 +234,14 @@ def test_read_only_output(command, how, lgg, masks, permissions, make_read_only,
     assert not changes, changes
     if command == "preprocess-update":
         assert_same_cache(out, reference)  # the previous cache is still whole and usable
+
+
+def test_synth_on_a_full_disk_is_one_line_and_leaves_no_case(small_disk, tmp_path):
+    disk = small_disk(200)
+    result = run_cli(["synth", str(disk / "s"), "--cases", "3", "--size", "8,64,64"], cwd=tmp_path,
+                     home=tmp_path / "home")
+    assert_one_line_error(result, (str(disk / "s"), "cannot write"))
+    assert "No space left on device" in result.stderr or "written" in result.stderr
+    assert not temporary_leftovers(disk)
+    written = [p for p in (disk / "s").iterdir()] if (disk / "s").exists() else []
+    assert all(len(list(p.iterdir())) == 16 for p in written), "a case folder with some slices missing"

@@ -26,8 +26,7 @@ import numpy as np
 from mriseg import __version__, log
 from mriseg.data.preprocess import PreprocessParams, preprocess_case
 from mriseg.data.readers import CaseRef, label_names_for, label_scheme, list_cases, read_case
-from mriseg.files import (refuse_output_over_inputs, remove_stale_folders, replace_folder,
-                          temporary_folder_beside, write_json_atomic)
+from mriseg.files import folder_in_place, refuse_output_over_inputs, remove_stale_folders, write_json_atomic
 from mriseg.errors import BadInputError, MrisegError
 
 FORMAT = "mriseg-cache"
@@ -58,21 +57,14 @@ def process_one(ref: CaseRef, params_dict: dict, cases_dir: str, require_label: 
                             "(pass --allow-unlabelled to cache images only)")
     image, label, record = preprocess_case(case, params)
     final = Path(cases_dir) / ref.case_id
-    temporary = temporary_folder_beside(final)
     try:
-        temporary.mkdir(parents=True)
-        np.save(temporary / "image.npy", image)
-        if label is not None:
-            np.save(temporary / "label.npy", label)
-        replace_folder(temporary, final)
-    except OSError as error:  # disk full, read-only or vanished folder: stop the run, not just this case
-        shutil.rmtree(temporary, ignore_errors=True)
-        # numpy reports a short write on a full disk as "N requested and M written", without an errno.
-        reason = error.strerror or f"{error}: short write, the disk is probably full"
-        raise MrisegError(f"{final}: cannot write the cached case ({reason})") from error
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+        with folder_in_place(final) as temporary:
+            np.save(temporary / "image.npy", image)
+            if label is not None:
+                np.save(temporary / "label.npy", label)
+    except BadInputError as error:  # disk full, read-only or vanished folder: stop the run, not just this case
+        raise MrisegError(f"{final}: cannot write the cached case ({error.problem.removeprefix('cannot write: ')})") \
+            from error
     record["sources"] = signature
     record["source_paths"] = [str(p) for p in case.source_paths]
     return record

@@ -27,7 +27,7 @@ import numpy as np
 
 from mriseg import log
 from mriseg import options as checks
-from mriseg.files import replace_folder, temporary_folder_beside
+from mriseg.files import folder_in_place, temporary_folder_beside
 from mriseg.errors import BadInputError, MrisegError
 
 # Tissue indices of the phantom.
@@ -226,8 +226,10 @@ def write_synthetic(out: str | Path, layout: str = "lgg", cases: int = 16, seed:
     size = tuple(size) if size else DEFAULT_SIZES[layout]
     if layout == "lgg" and len(size) == 2:
         size = (DEFAULT_SIZES["lgg"][0], *size)
-    if len(size) != 3 or min(size) < 4 or max(size) > 2048:
-        raise MrisegError(f"--size {size} must be 3 numbers (lgg: SLICES,H,W or H,W; brats: X,Y,Z), each 4..2048")
+    if len(size) != 3:
+        raise MrisegError(f"--size {','.join(map(str, size))}: give 3 numbers (lgg: SLICES,H,W or H,W; brats: X,Y,Z)")
+    if min(size) < 4 or max(size) > 2048:
+        raise MrisegError(f"--size {','.join(map(str, size))}: each number must lie in 4..2048")
     checks.require_memory(f"--size {','.join(map(str, size))}", 40.0 * float(np.prod(size)))
     grid = size if layout == "lgg" else size[::-1]  # phantom grid is (z, y, x)
     out = Path(out)
@@ -246,14 +248,11 @@ def write_synthetic(out: str | Path, layout: str = "lgg", cases: int = 16, seed:
         case_id = ids[index]
         phantom = make_phantom(grid, _case_rng(seed, index), tumour=_has_tumour(index))
         final = out / case_id
-        temporary = temporary_folder_beside(final)
-        temporary.mkdir()
         try:
-            (_write_lgg_case if layout == "lgg" else _write_brats_case)(temporary, case_id, phantom)
-            replace_folder(temporary, final)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
+            with folder_in_place(final) as temporary:
+                (_write_lgg_case if layout == "lgg" else _write_brats_case)(temporary, case_id, phantom)
+        except BadInputError as error:  # a full disk, a read-only folder: one line, no half-written case
+            raise BadInputError(out, f"synthetic case {case_id}: {error.problem}") from None
         folders.append(final)
     return folders
 
