@@ -133,6 +133,18 @@ def label_names_for(values: Sequence[int], scheme: str, known: Mapping[int, str]
     return {int(v): table.get(int(v), f"class{v}") for v in values}
 
 
+def names_after_label_map(names: Mapping[int, str], label_map: Mapping[int, int]) -> dict[int, str]:
+    """Label names carried through a label map: a value mapped elsewhere takes its name along (BraTS
+    2021's 4 "enhancing tumour" under ``4:3`` names 3); values merged into one join their names."""
+    mapped: dict[int, str] = {}
+    for value, name in sorted(names.items()):
+        target = int(label_map.get(int(value), int(value)))
+        if target == 0 and int(value) != 0:
+            continue  # mapped to background
+        mapped[target] = name if target not in mapped or target == 0 else f"{mapped[target]} and {name}"
+    return mapped
+
+
 def remap_labels(label: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
     """Replace label values by a lookup table; values not in ``mapping`` are kept."""
     if not mapping:

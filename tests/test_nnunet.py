@@ -295,3 +295,26 @@ def test_unnamed_channel_files_are_taken_in_the_models_order_and_that_is_said_on
     for case_id in ("TOY_002", "TOY_003"):  # _0001 is T1c, the channel this model thresholds
         written = np.asarray(nib.load(tmp_path / "pred" / f"{case_id}.nii.gz").dataobj)
         np.testing.assert_array_equal(written, np.asarray(nib.load(dataset / "labelsTs" / f"{case_id}.nii.gz").dataobj))
+
+
+def test_convert_slices_3d_cases_keeps_names_through_the_label_map_and_refuses_bad_outputs(tmp_path):
+    from mriseg.convert import convert_to_nnunet
+    from mriseg.data.synthetic import write_synthetic
+    from mriseg.errors import MrisegError
+
+    write_synthetic(tmp_path / "brats", layout="brats", cases=1, seed=1, size=(24, 24, 12))
+    source = nib.load(next((tmp_path / "brats").rglob("*_flair.nii.gz")))
+    root = convert_to_nnunet(tmp_path / "brats", tmp_path / "raw", 8, "Slices", label_map={4: 3}, dims=2)
+    first = nib.load(sorted((root / "imagesTr").iterdir())[0])
+    assert first.shape == (24, 24, 1)
+    assert first.header.get_zooms() == pytest.approx(source.header.get_zooms())  # the slice axis (z) stays last
+    labels = json.loads((root / "dataset.json").read_text())["labels"]
+    assert labels["enhancing tumour"] == 3 and labels["oedema"] == 2  # 4's name went with it to 3
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(BadInputError, match="OUT is a file"):
+        convert_to_nnunet(tmp_path / "brats", tmp_path / "afile", 9, "X", label_map={4: 3})
+    with pytest.raises(BadInputError, match="--dataset-id 8 is taken"):
+        convert_to_nnunet(tmp_path / "brats", tmp_path / "raw", 8, "Other", label_map={4: 3})
+    with pytest.raises(MrisegError, match="not consecutive"):
+        convert_to_nnunet(tmp_path / "brats", tmp_path / "new", 9, "X")
+    assert not (tmp_path / "new").exists()  # nothing left behind, not even the folder it made

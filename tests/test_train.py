@@ -334,3 +334,11 @@ def test_labels_that_are_all_background_are_refused_before_training(tmp_path):
     with pytest.raises(BadInputError, match="none of the 2 training cases has a tumour label"):
         train(tmp_path / "cache", out=tmp_path / "run", epochs=1, **TINY)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_out_that_is_a_file_is_refused(tmp_path, overwrite):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(BadInputError, match="--out is a file"):
+        train(out=tmp_path / "afile", epochs=1, overwrite=overwrite, **TINY)
+    assert (tmp_path / "afile").read_text() == "mine"

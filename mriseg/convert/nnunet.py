@@ -19,7 +19,7 @@ from mriseg.data.nifti import write_nifti
 from mriseg.data.readers import list_cases, read_case
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.files import refuse_output_over_inputs, replace_folder
-from mriseg.labels import label_names_for, label_scheme, remap_labels
+from mriseg.labels import LABEL_NAMES, label_names_for, label_scheme, names_after_label_map, remap_labels
 from mriseg.log import info, progress
 from mriseg.options import number
 
@@ -34,8 +34,8 @@ def _slices(case: Case) -> Iterator[Case]:
         # the slice axis last, so every 2D case is an (H, W, 1) volume
         yield replace(case, case_id=f"{case.case_id}_{Path(str(name)).stem.split('_')[-1]}",
                       image=np.moveaxis(image, axis + 1, -1), label=None if label is None else np.moveaxis(label, axis, -1),
-                      affine=None, header={}, slice_axis=2,
-                      spacing=tuple(np.moveaxis(np.asarray(case.spacing), axis, -1).tolist()))
+                      affine=None, header={k: v for k, v in case.header.items() if k == "label_names"}, slice_axis=2,
+                      spacing=(*(s for i, s in enumerate(case.spacing) if i != axis), case.spacing[axis]))
 
 
 def _units(source: Path, layout: str | None, modalities: str | None, dims: int) -> Iterator[Case]:
@@ -86,24 +86,35 @@ def convert_to_nnunet(source: str | Path, out: str | Path, dataset_id: int, name
         raise MrisegError(f"--name {name!r}: use letters, digits, '_' and '-' (nnU-Net's DatasetNNN_NAME)")
     source, target = Path(source), Path(out) / f"Dataset{int(dataset_id):03d}_{name}"
     refuse_output_over_inputs(target, [source])
+    if Path(out).exists() and not Path(out).is_dir():
+        raise BadInputError(Path(out), "OUT is a file; convert writes DatasetNNN_NAME/ inside a folder")
+    taken = sorted(p.name for p in Path(out).glob(f"Dataset{int(dataset_id):03d}_*") if p != target) \
+        if Path(out).is_dir() else []
+    if taken:  # nnU-Net finds datasets by id: two with one id make it refuse both
+        raise BadInputError(Path(out) / taken[0], f"--dataset-id {int(dataset_id)} is taken by this dataset; nnU-Net "
+                                                  "needs one dataset per id: choose another --dataset-id")
     if target.exists() and not overwrite:
         raise BadInputError(target, "exists; pass --overwrite to replace it")
+    created = not Path(out).exists()  # removed again if the conversion fails before writing anything
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     for folder in ("imagesTr", "labelsTr", "imagesTs"):
         (partial / folder).mkdir(parents=True)
     try:
-        values, names, channels, training = set(), {}, None, 0
+        values, originals, names, channels, training, naming = set(), set(), {}, None, 0, ""
         for case in _units(source, layout, modalities, dims):
             if channels is not None and case.modalities != channels:
                 raise BadInputError(case.source_paths[0], f"channels {case.modalities} differ from {channels}")
             channels = case.modalities
             names.update({int(k): v for k, v in (case.header.get("label_names") or {}).items()})
-            found = _write_case(case, partial, label_map or {})
-            values |= found
+            naming = case.header.get("naming", naming)
+            values |= _write_case(case, partial, label_map or {})
+            originals |= set(np.unique(case.label).astype(int).tolist()) if case.label is not None else set()
             training += case.label is not None
         ordered = sorted(values | {0})
-        named = label_names_for(ordered, label_scheme(ordered), names or None)
+        source_names = names or LABEL_NAMES.get(label_scheme(originals, naming), {})
+        named = label_names_for(ordered, label_scheme(ordered), names_after_label_map(source_names, label_map or {})
+                                or None)
         meta = _dataset_json(name, channels or [], ordered, named, training, source)
         (partial / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
         if not any((partial / "imagesTs").iterdir()):
@@ -111,5 +122,7 @@ def convert_to_nnunet(source: str | Path, out: str | Path, dataset_id: int, name
         replace_folder(partial, target)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        if created and Path(out).is_dir() and not any(Path(out).iterdir()):
+            Path(out).rmdir()
     info(f"{target}: {training} training case(s), channels {', '.join(channels or [])}, labels {meta['labels']}")
     return target

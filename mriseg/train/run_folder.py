@@ -94,6 +94,8 @@ def resolve_run_dir(out: str | Path | None, model: str, resume: bool, overwrite:
             return latest.resolve()
         return Path("runs") / f"{model}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     path = Path(out)
+    if path.exists() and not path.is_dir():  # --overwrite replaces runs, never a file that is in the way
+        raise BadInputError(path, "--out is a file; a run writes a folder: choose another --out")
     if resume:
         if not (path / "last.pt").is_file():
             raise BadInputError(path, "nothing to resume: no last.pt in this run folder")
