@@ -126,6 +126,8 @@ def test_bad_arguments_are_clear_errors():
         parse_devices(None, "tpu,cpu")
     with pytest.raises(MrisegError, match="more than the batch"):
         validate(tiny_config(micro_batches=(8,)), TinyStagedUNet())
+    with pytest.raises(MrisegError, match="--micro-batches 3 does not divide the batch of 4"):
+        validate(tiny_config(micro_batches=(2, 3)), TinyStagedUNet())
     with pytest.raises(MrisegError, match="no pipeline_stages"):
         run_benchmark(tiny_config(), no_stages)
     with pytest.raises(MrisegError, match="unknown split"):

@@ -309,3 +309,16 @@ def test_flip_tta_is_on_by_default_for_2d_models_and_off_for_3d():
     conv3d = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
     assert torch.equal(predict_logits(conv3d, image, 3, 2, InferenceSettings(amp=False)),
                        predict_logits(conv3d, image, 3, 2, InferenceSettings(tta=False, amp=False)))
+
+
+def test_a_window_larger_than_the_image_is_capped_at_the_image():
+    """--patch-size 512,512,512 on a small scan padded it to 512^3 (24 GB, OOM-killed); the window
+    now stops at the image, which gives the whole-image prediction."""
+    torch.manual_seed(0)
+    image = np.random.default_rng(1).normal(size=(1, 6, 10, 8)).astype(np.float32)
+    conv3d = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+    whole = predict_logits(conv3d, image, 3, 2, InferenceSettings(amp=False))
+    huge = predict_logits(conv3d, image, 3, 2, InferenceSettings(amp=False, patch_size=(4096, 4096, 4096)))
+    mixed = predict_logits(conv3d, image, 3, 2, InferenceSettings(amp=False, patch_size=(4, 4096, 4096)))
+    fitted = predict_logits(conv3d, image, 3, 2, InferenceSettings(amp=False, patch_size=(4, 10, 8)))
+    assert torch.allclose(huge, whole, atol=1e-6) and torch.equal(mixed, fitted)

@@ -121,6 +121,11 @@ def validate(config: BenchmarkConfig, model: nn.Module | None = None) -> None:
                           f"{config.batch_size} samples: each micro-batch needs at least one sample")
     if any(m < 1 for m in config.micro_batches):
         raise MrisegError(f"--micro-batches must be positive, got {config.micro_batches}")
+    uneven = [m for m in config.micro_batches if config.batch_size % m]
+    if uneven:  # torch.distributed.pipelining splits the batch into equal micro-batches
+        raise MrisegError(f"--micro-batches {','.join(map(str, uneven))} does not divide the batch of "
+                          f"{config.batch_size} samples; pipeline micro-batches must be equal (choose divisors, "
+                          "or change --batch-size)")
     for split in config.splits:
         if split not in SPLITS:
             raise MrisegError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")

@@ -108,7 +108,9 @@ def predict_logits(network: nn.Module, image: np.ndarray | torch.Tensor, spatial
         else:
             if tensor.ndim != 4:
                 raise MrisegError(f"the model is 3D but the input is {tensor.ndim - 1}D")
-            patch = tuple(settings.patch_size or (s + margin for s in tensor.shape[1:]))
+            whole = tuple(s + margin for s in tensor.shape[1:])
+            # a window beyond the image only adds padding (and memory: 512^3 took 24 GB): cap it at the image
+            patch = tuple(min(p, w) for p, w in zip(settings.patch_size, whole)) if settings.patch_size else whole
             logits = sliding_window(predictor, tensor, patch, settings.overlap, settings.batch_size,
                                     settings.importance, margin)
     finally:
