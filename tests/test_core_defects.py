@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -104,8 +105,10 @@ def test_inference_pads_with_the_normalised_background_not_the_minimum():
             seen.append(x.clone())
             return x[:, :1]
 
+    recorder = Recorder()
+    recorder.size_rule = SimpleNamespace(axis_ok=lambda axis, size: size % 8 == 0)  # a 5^3 scan needs padding
     image = np.full((1, 5, 5, 5), -4.0, np.float32)
-    predict_logits(Recorder(), image, 3, 2, InferenceSettings(patch_size=(8, 8, 8)))
+    predict_logits(recorder, image, 3, 2, InferenceSettings(patch_size=(8, 8, 8)))
     padded = seen[0][0, 0]
     assert padded.min() == -4.0 and (padded == 0).sum() == 8**3 - 5**3
 

@@ -196,3 +196,24 @@ def test_a_damaged_lgg_patient_is_refused_by_name(datasets, tmp_path, damage, ma
             Image.fromarray(np.asarray(Image.open(file))[..., 1]).save(file)
     with pytest.raises(BadInputError, match=match):
         read_case(list_cases(patient)[0])
+
+
+@pytest.mark.parametrize("given, stem, matches", [
+    ("Flair_subtrMeanDivStd", "flair_subtrmeandivstd", True),   # the whole name
+    ("flair", "pat1_flair", True), ("flair", "pat1-flair", True),  # the end after _ or -
+    ("flair_", "flair_subtrmeandivstd", True),                  # a prefix ending in _
+    ("_flair", "pat1_flair", True),                             # a suffix starting with _
+    ("flair", "flair_subtrmeandivstd", False), ("flair", "preflair", False), ("flair_", "t1_flair", False),
+])
+def test_modality_names_match_whole_names_ends_and_marked_prefixes(given, stem, matches):
+    from mriseg.data.readers.brats import name_matches
+
+    assert name_matches(stem, given.lower(), exact=True) is matches
+
+
+def test_a_modality_map_that_matches_no_file_names_the_files_there(datasets, tmp_path):
+    brats = datasets["brats"]
+    refs = list_cases(brats, modalities="flair=_flair,t1ce=_t1ce,seg=_seg")
+    assert refs[0].modalities == ("flair", "t1ce") and refs[0].label_paths
+    with pytest.raises(BadInputError, match="missing modality flair \\(no file matches flair=Flairr.*files here: .*_flair"):
+        list_cases(brats, modalities="flair=Flairr,seg=_seg")

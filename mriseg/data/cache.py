@@ -54,7 +54,9 @@ def process_one(ref: CaseRef, params_dict: dict, cases_dir: str, require_label: 
     if require_label and case.label is None:
         raise BadInputError(ref.image_paths[0].parent if ref.layout != "pairs" else ref.image_paths[0],
                             f"case {ref.case_id} has no label, and labels are required "
-                            "(pass --allow-unlabelled to cache images only)")
+                            + ("(--modalities names no label file, e.g. seg=FILENAME, or its name matched no file; "
+                               if ref.naming == "custom" else "(")
+                            + "pass --allow-unlabelled to cache images only)")
     image, label, record = preprocess_case(case, params)
     final = Path(cases_dir) / ref.case_id
     try:

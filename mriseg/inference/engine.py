@@ -13,7 +13,7 @@ so a checkpoint scores the same wherever it is scored:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -109,13 +109,23 @@ def predict_logits(network: nn.Module, image: np.ndarray | torch.Tensor, spatial
             if tensor.ndim != 4:
                 raise MrisegError(f"the model is 3D but the input is {tensor.ndim - 1}D")
             whole = tuple(s + margin for s in tensor.shape[1:])
-            # a window beyond the image only adds padding (and memory: 512^3 took 24 GB): cap it at the image
-            patch = tuple(min(p, w) for p, w in zip(settings.patch_size, whole)) if settings.patch_size else whole
+            patch = capped_window(settings.patch_size, whole, axis_ok) if settings.patch_size else whole
             logits = sliding_window(predictor, tensor, patch, settings.overlap, settings.batch_size,
                                     settings.importance, margin)
     finally:
         network.train(was_training)
     return logits.cpu()
+
+
+def capped_window(patch: Sequence[int], whole: Sequence[int], axis_ok: Callable[[int, int], bool] | None
+                  ) -> tuple[int, ...]:
+    """The window, no larger on any axis than the smallest size that covers the image and that the
+    network accepts: beyond it a window only adds padding (and memory: 512^3 took 24 GB)."""
+    capped = []
+    for axis, (wanted, size) in enumerate(zip(patch, whole)):
+        fits = next((n for n in range(size, wanted) if axis_ok is None or axis_ok(axis, n)), wanted)
+        capped.append(min(wanted, fits))
+    return tuple(capped)
 
 
 @dataclass

@@ -15,15 +15,28 @@ BRATS_NAMINGS = {
     "brats2021": {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair", "seg": "_seg"},
     "brats2023": {"t1n": "-t1n", "t1c": "-t1c", "t2w": "-t2w", "t2f": "-t2f", "seg": "-seg"},
 }
+def name_matches(stem: str, name: str, exact: bool) -> bool:
+    """Whether a file stem is the one ``name`` stands for (both lower-case).
+
+    BraTS's own suffixes (``exact=False``) match the end of the stem. A ``--modalities`` name
+    (``exact=True``) matches the whole stem, its end after ``_`` or ``-`` (``flair`` for
+    ``pat1_flair``), or, when the name itself begins or ends with ``_``/``-``, the stem's end or
+    start (``_flair``, ``Flair_`` for ``Flair_subtrMeanDivStd``).
+    """
+    if not exact:
+        return stem.endswith(name)
+    return (stem == name or stem.endswith(("_" + name, "-" + name))
+            or (name.endswith(("_", "-")) and stem.startswith(name))
+            or (name.startswith(("_", "-")) and stem.endswith(name)))
+
+
 def match_modalities(folder: Path, suffixes: dict[str, str], exact: bool) -> dict[str, Path]:
-    """Map each key to the file whose stem ends with (or, if ``exact``, equals) its suffix."""
+    """Map each key to the one file of ``folder`` its name matches (:func:`name_matches`)."""
     found: dict[str, Path] = {}
     for file in nifti_files(folder):
         stem = strip_suffix(file.name)[0].lower()
         for key, suffix in suffixes.items():
-            suffix = suffix.lower()
-            if stem == suffix or (not exact and stem.endswith(suffix)) or (
-                    exact and (stem.endswith("_" + suffix) or stem.endswith("-" + suffix))):
+            if name_matches(stem, suffix.lower(), exact):
                 if key in found:
                     raise BadInputError(folder, f"{found[key].name} and {file.name} both match modality "
                                                 f"{key!r} ({suffix!r}); rename one or pass --modalities "
@@ -46,7 +59,11 @@ def brats_ref(folder: Path, modalities: dict[str, str] | None) -> CaseRef:
     image_keys = [k for k in wanted if k not in LABEL_KEYS]
     missing = [k for k in image_keys if k not in found]
     if missing:
-        raise BadInputError(folder, f"missing modality {missing[0]} (a NIfTI named like *{wanted[missing[0]]}.nii.gz)")
+        files = ", ".join(f.name for f in nifti_files(folder)[:6])
+        key, name = missing[0], wanted[missing[0]]
+        rule = (f"no file matches {key}={name}: the whole name, its end after _ or -, or a prefix ending in _"
+                if modalities is not None else f"a NIfTI named like *{name}.nii.gz")
+        raise BadInputError(folder, f"missing modality {key} ({rule}); files here: {files}")
     label_key = next((k for k in wanted if k in LABEL_KEYS), None)
     label = (found[label_key],) if label_key and label_key in found else ()
     return CaseRef(case_id=folder.name, layout="brats", image_paths=tuple(found[k] for k in image_keys),
