@@ -68,6 +68,8 @@ def write_json_atomic(path: str | Path, payload: Any, indent: int = 1) -> Path:
 
 def check_writable_folder(folder: Path) -> None:
     """Create ``folder`` and prove a file can be written in it, before any long work starts."""
+    if folder.exists() and not folder.is_dir():
+        raise BadInputError(folder, "is a file; the output is a folder: choose another one")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / ".write-test") as probe:

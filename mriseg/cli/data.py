@@ -15,7 +15,7 @@ def synth(
     out: str = typer.Argument(..., help="Folder to write the synthetic cases into."),
     layout: str = typer.Option("lgg", help="lgg (kaggle_3m TIF slices) | brats (BraTS 2021 NIfTI).",
                                rich_help_panel="Data"),
-    cases: int = typer.Option(16, min=1, help="Number of cases (patients).", rich_help_panel="Data"),
+    cases: int = typer.Option(16, help="Number of cases (patients).", rich_help_panel="Data"),
     seed: int = typer.Option(0, help="Random seed; case i depends only on (seed, i).", rich_help_panel="Data"),
     size: Optional[str] = typer.Option(None, help="lgg: SLICES,H,W or H,W (default 24,256,256); "
                                                   "brats: X,Y,Z (default 128,128,80).", rich_help_panel="Data"),
@@ -59,7 +59,7 @@ def preprocess(
                                             rich_help_panel="Preprocessing"),
     dtype: str = typer.Option("float16", help="Image storage type: float16 | float32.",
                               rich_help_panel="Preprocessing"),
-    workers: int = typer.Option(1, min=1, help="Cases processed in parallel.", rich_help_panel="Output"),
+    workers: int = typer.Option(1, help="Cases processed in parallel.", rich_help_panel="Output"),
     force: bool = typer.Option(False, help="Rebuild the cache: redo every case (needed for a cache made with "
                                "other parameters).", rich_help_panel="Output"),
     skip_bad: bool = typer.Option(False, help="Go on past bad cases and list them at the end.",

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mriseg.errors import MrisegError
+
 from mriseg.cli.common import app, examples, print_json
 from mriseg.log import console
 
@@ -44,7 +46,7 @@ def evaluate_command(
                                              rich_help_panel="Scoring"),
     device: str = typer.Option("auto", "--device", help="With --model: cpu, cuda, cuda:1 or auto.",
                                rich_help_panel="With --model"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="With --model: slices or patches per batch.",
+    batch_size: int = typer.Option(8, "--batch-size", help="With --model: slices or patches per batch.",
                                    rich_help_panel="With --model"),
     tta: Optional[bool] = typer.Option(None, "--tta/--no-tta",
                                        help="With --model: average predictions over flips (default: on for "
@@ -74,7 +76,7 @@ def evaluate_command(
 
     if model:
         if len(paths) != 1:
-            raise typer.BadParameter("with --model give one labelled DATA folder", param_hint="PRED GT | DATA")
+            raise MrisegError(f"with --model give one labelled DATA folder, got {len(paths)} paths")
         result = evaluate_model(model if len(model) > 1 else model[0], paths[0], out, regions=regions, empty=empty,
                                 overwrite=overwrite,
                                 modalities=modalities, device=device, batch_size=batch_size, tta=tta,
@@ -82,7 +84,7 @@ def evaluate_command(
                                 amp=amp, channels_last=channels_last)
     else:
         if len(paths) != 2:
-            raise typer.BadParameter("give PRED and GT, or --model RUN_DIR DATA", param_hint="PRED GT | DATA")
+            raise MrisegError(f"give PRED and GT (two paths), or --model RUN_DIR DATA; got {len(paths)} path(s)")
         result = evaluate(paths[0], paths[1], out, regions=regions, empty=empty, strict=strict,
                           overwrite=overwrite, modalities=modalities, workers=workers)
     console.print(results_table(result))

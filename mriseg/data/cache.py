@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mriseg import __version__, log
+from mriseg.options import number
 from mriseg.data.preprocess import PreprocessParams, preprocess_case
 from mriseg.data.readers import CaseRef, label_names_for, label_scheme, list_cases, read_case
 from mriseg.files import folder_in_place, refuse_output_over_inputs, remove_stale_folders, write_json_atomic
@@ -118,6 +119,7 @@ def build_cache(source: str | Path, out: str | Path, params: PreprocessParams, l
         MrisegError: ``out`` holds a cache made with other parameters (unless ``force``) or
             something that is not a cache; BadInputError for the first bad case unless ``skip_bad``.
     """
+    number("workers", workers, integer=True, low=1, high=256)
     source, out = Path(source), Path(out)
     refuse_output_over_inputs(out, [source], option="the cache folder")
     refs = list_cases(source, layout=layout, modalities=modalities)

@@ -87,6 +87,7 @@ def evaluate_model(model: Path | Sequence[Path], data: Path, out: Path, regions:
     if empty not in EMPTY_POLICIES:
         raise MrisegError(f"--empty {empty!r}: choose one of {', '.join(EMPTY_POLICIES)}")
     scheme = parse_regions(regions)
+    number("batch_size", batch_size, integer=True, low=1, high=4096)
     settings = InferenceSettings(batch_size=batch_size, tta=tta, interpolation=interpolation, amp=amp,
                                  channels_last=channels_last)
     refuse_output_over_inputs(out, [data], nested=False)

@@ -52,7 +52,7 @@ class PredictOptions:
 
     def check(self) -> None:
         """Every option's range, before any model is loaded or any input read."""
-        checks.number("overlap", self.overlap, low=0.0, high=1.0, high_open=True)
+        checks.number("overlap", self.overlap, low=0.0, high=0.95)
         checks.number("batch_size", self.batch_size, integer=True, low=1, high=4096)
         checks.number("threshold", self.threshold, low=0.0, high=1.0, low_open=True, high_open=True, optional=True)
         checks.number("fps", self.gif_fps, low=0.1, high=100.0)

@@ -23,7 +23,9 @@ _PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 
 
 def parse_duration(text: str | float | int, option: str = "--time") -> float:
-    """``90``, ``90s``, ``15m``, ``4h``, ``1h30m``, ``3:50:00`` or ``50:00`` -> seconds (positive)."""
+    """``90s``, ``15m``, ``4h``, ``1h30m``, ``3:50:00`` or ``50:00`` (MM:SS, as Slurm) -> seconds
+    (positive); a number (not a string) is seconds. A bare number as text is refused: Slurm reads it
+    as minutes."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         seconds = float(text)
     else:
@@ -34,8 +36,9 @@ def parse_duration(text: str | float | int, option: str = "--time") -> float:
                 if len(parts) > 3 or any(p < 0 for p in parts):
                     raise ValueError
                 seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
-            elif re.fullmatch(r"\d+(\.\d+)?", value):
-                seconds = float(value)
+            elif re.fullmatch(r"\d+(\.\d+)?", value):  # Slurm reads this as minutes, Python as seconds
+                raise MrisegError(f"{option} {text}: give a unit ({value}s, {value}m or {value}h); a bare number "
+                                  "is minutes to Slurm and seconds to many tools, so mriseg asks")
             elif re.fullmatch(rf"(?:{_PART.pattern})+", value):
                 seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(value))
             else:

@@ -85,7 +85,7 @@ def detect_layout(path: str | Path) -> str:
     # Downloads often wrap the dataset in a folder or two (Kaggle's lgg-mri-segmentation/kaggle_3m).
     below = [(d, found) for d in subdirs if (found := layout_of(d, visible_dirs(d))) is not None]
     hint = (f"; the dataset seems to be one level down: {below[0][0]} ({below[0][1]} layout)" if below else
-            " (use --layout, see docs/data-formats.md)")
+            " (see docs/data-formats.md; preprocess and convert take --layout to name it)")
     raise BadInputError(path, "unrecognised layout: no kaggle_3m TIF slices, BraTS/MSD NIfTI cases or "
                               f"image/mask pairs found{hint}")
 

@@ -74,6 +74,8 @@ def read_dataset_json(root: Path) -> DatasetJson:
 
 def list_msd(root: Path) -> list[CaseRef]:
     """The training cases of an MSD / nnU-Net raw dataset: ``imagesTr/`` with ``labelsTr/``."""
+    if not (root / "imagesTr").is_dir():
+        raise BadInputError(root, "not an MSD / nnU-Net dataset: it has no imagesTr/ folder (is --layout right?)")
     return channel_cases(root / "imagesTr", root / "labelsTr", root)
 
 
