@@ -67,6 +67,20 @@ def test_soft_dice_and_dice_ce_equal_monai_for_sigmoid():
     torch.testing.assert_close(build_loss("dice-ce", "sigmoid")(logits, target), monai_dice_ce(logits, target))
 
 
+def test_dice_ce_on_overlapping_regions_is_binary_ce_per_region_plus_monai_dice():
+    """WT/TC/ET overlap, so each region is its own sigmoid: binary CE per region, as nnU-Net's
+    region training. (MONAI's DiceCELoss switches to softmax CE across channels for more than one
+    channel, whatever sigmoid=True says, so it is not the reference here.)"""
+    from monai.losses import DiceLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 9, 7)
+    target = (torch.rand(2, 3, 8, 9, 7) > 0.7).float()
+    monai_dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1.0, smooth_dr=1.0)(logits, target)
+    expected = monai_dice + torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    torch.testing.assert_close(build_loss("dice-ce", "sigmoid")(logits, target), expected)
+
+
 def test_soft_dice_and_dice_ce_equal_monai_for_softmax():
     from monai.losses import DiceCELoss, DiceLoss
 

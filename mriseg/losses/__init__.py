@@ -34,7 +34,7 @@ LOSSES: dict[str, LossSpec] = {
                          "w * BCE + (1 - w) * Dice, w = --bce-weight"),
     "soft-iou": LossSpec(((1.0, "soft_iou_loss"),), "soft Jaccard"),
     "ce": LossSpec(((1.0, "cross_entropy_loss"),), "cross-entropy"),
-    "dice-ce": LossSpec(((1.0, "cross_entropy_loss"), (1.0, "dice_loss")), "CE + Dice (MONAI's DiceCELoss)"),
+    "dice-ce": LossSpec(((1.0, "cross_entropy_loss"), (1.0, "dice_loss")), "CE + Dice (binary CE per region for region tasks)"),
     "focal": LossSpec(((1.0, "focal_loss"),), "focal loss (Lin et al. 2017)", keywords=("gamma",)),
     "border-ce": LossSpec(((1.0, "cross_entropy_loss"),), "U-Net border-weighted CE (Ronneberger et al. 2015)",
                           keywords=("pixel_weights",)),

@@ -49,7 +49,7 @@ class TrainOptions:
     context: int = 0                             # 2.5D: neighbouring slices on each side as extra channels
     task: str = "auto"
     ignore_index: int = 255
-    loss: str = "dice-ce"                        # CE (BCE for regions) + Dice, as nnU-Net and MONAI's DiceCELoss
+    loss: str = "dice-ce"                        # CE (BCE per region for regions) + Dice, as nnU-Net
     bce_weight: float = 0.5
     augment: str = "default"
     epochs: int = 50
