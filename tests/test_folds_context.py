@@ -181,5 +181,6 @@ def test_overwrite_clears_every_file_an_earlier_run_wrote(dataset, tmp_path):
     train(dataset[1], out=tmp_path / "run", **TINY)
     written = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert "summary.json" in written and "best.pt" in written
+    (tmp_path / "run" / ".last.pt.partial-999-abcd1234.pt").write_bytes(b"half")  # a SIGKILL in torch.save
     prepare_run_dir(tmp_path / "run", overwrite=True, resume=False)  # what a new run does first
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []

@@ -166,6 +166,8 @@ def prepare_run_dir(path: Path, overwrite: bool, resume: bool) -> None:
                 (path / name).unlink(missing_ok=True)
             shutil.rmtree(path / "tensorboard", ignore_errors=True)
         path.mkdir(parents=True, exist_ok=True)
+        for partial in path.glob(".*.partial-*"):  # a checkpoint write that a SIGKILL stopped; only we write here
+            partial.unlink(missing_ok=True)
         probe = path / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
