@@ -73,13 +73,15 @@ REGION_SCHEME_OF = {"brats2013": "brats"}
 def label_scheme(values: Sequence[int] | set[int], naming: str = "") -> str:
     """Name the label convention that the values found fit, without guessing beyond them.
 
-    ``binary`` for {0, 1}; ``brats2013`` when 3 and 4 both occur; ``brats`` for values within
-    {0, 1, 2, 4} with a 4; ``brats2023`` for values within {0, 1, 2, 3} from 2023-named files;
-    ``multiclass`` otherwise.
+    ``binary`` for {0, 1}; from 2023-named files ``brats2023`` for values within {0, 1, 2, 3}, else
+    ``multiclass``; ``brats2013`` when 3 and 4 both occur; ``brats`` for values within {0, 1, 2, 4}
+    with a 4; ``multiclass`` otherwise.
     """
     found = set(int(v) for v in values)
     if found <= {0, 1}:
         return "binary"
+    if naming == "brats2023":  # 3 is enhancing tumour; a 4 (BraTS 2024's resection cavity) is not 2013's
+        return "brats2023" if found <= {0, 1, 2, 3} else "multiclass"
     if {3, 4} <= found and found <= {0, 1, 2, 3, 4}:
         return "brats2013"
     if 4 in found and found <= {0, 1, 2, 4}:

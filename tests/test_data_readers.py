@@ -144,6 +144,34 @@ def test_label_scheme_is_named_from_the_values_found():
     assert label_scheme([0, 2, 4]) == "brats"
     assert label_scheme([0, 1, 2, 3], naming="brats2023") == "brats2023"
     assert label_scheme([0, 1, 2, 3]) == "multiclass"
+    # 2023 names: 3 is enhancing tumour; a 4 (BraTS 2024's resection cavity) is not 2013's enhancing tumour
+    assert label_scheme([0, 1, 2, 3, 4], naming="brats2023") == "multiclass"
+
+
+def test_a_modality_map_with_2023_sequence_names_keeps_the_2023_labels(datasets):
+    """With --modalities the naming used to become "custom", and 2023 cases were scored with ET = 4."""
+    from mriseg.evaluate import scheme_for_dataset
+
+    refs = list_cases(datasets["brats2023"], modalities="t1n=t1n,t1c=t1c,t2w=t2w,t2f=t2f,seg=seg")
+    assert refs[0].naming == "brats2023" and scheme_for_dataset(refs[0]) == "brats2023"
+    assert list_cases(datasets["brats"], modalities="flair=_flair,t1ce=_t1ce,seg=_seg")[0].naming == "custom"
+
+
+def test_a_palette_png_to_segment_is_read_as_its_grey_levels(tmp_path):
+    grey = np.linspace(30, 229, 16 * 20).reshape(16, 20).astype(np.uint8)
+    image = Image.fromarray(grey).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    image.save(tmp_path / "scan.png")
+    case = read_case(tmp_path / "scan.png")
+    expected = np.asarray(image.convert("L"), dtype=np.float32)
+    assert case.image.shape == (1, 16, 20)
+    np.testing.assert_array_equal(case.image[0], expected)  # colours, not palette indices 0..15
+
+
+def test_two_files_with_one_name_in_a_pairs_folder_are_refused(tmp_path):
+    for name in ("a.png", "a.tif", "a_mask.png"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
+    with pytest.raises(BadInputError, match="same name without extension"):
+        list_cases(tmp_path, layout="pairs")
 
 
 def test_real_brats_with_a_modality_map(shared_data):

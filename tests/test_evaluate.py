@@ -516,3 +516,14 @@ def test_two_label_conventions_are_pointed_out(tmp_path, capsys):
     save_nifti(tmp_path / "pred" / "case.nii.gz", np.where(same == 2, 0, same))  # a label missed: no warning
     evaluate(tmp_path / "pred", tmp_path / "gt", tmp_path / "out2", regions="brats")
     assert "conventions" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, named", [(["--largest-component"], "--largest-component"),
+                                          (["--no-tta", "--batch-size", "2"], "--batch-size, --tta/--no-tta"),
+                                          (["--model", "run", "--strict"], "--strict")])
+def test_options_of_the_other_mode_are_refused_not_ignored(tmp_path, args, named):
+    paths = ["data"] if "--model" in args else ["pred", "gt"]
+    result = run_cli("evaluate", *paths, *args, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {named}")

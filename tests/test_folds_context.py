@@ -184,3 +184,11 @@ def test_overwrite_clears_every_file_an_earlier_run_wrote(dataset, tmp_path):
     (tmp_path / "run" / ".last.pt.partial-999-abcd1234.pt").write_bytes(b"half")  # a SIGKILL in torch.save
     prepare_run_dir(tmp_path / "run", overwrite=True, resume=False)  # what a new run does first
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+
+
+def test_a_fold_folder_with_a_fold_missing_is_said(dataset, tmp_path, capsys):
+    train(dataset[1], out=tmp_path / "cv", folds=3, fold=0, **TINY)
+    train(dataset[1], out=tmp_path / "cv", folds=3, fold=2, **TINY)
+    capsys.readouterr()
+    assert len(load_model(tmp_path / "cv", "cpu").members) == 2
+    assert "3-fold cross-validation with fold(s) [1] missing" in capsys.readouterr().err

@@ -588,3 +588,30 @@ def test_patch_size_on_a_2d_model_and_subset_on_a_file_are_refused(tmp_path):
             predict([str(tmp_path / "x.nii.gz")], "any", PredictOptions(out=tmp_path / "o1", patch_size=(16, 16, 16)))
     [result] = predict_path(str(tmp_path / "x.nii.gz"), loaded, PredictOptions(out=tmp_path / "o2", subset="imagesTr"))
     assert result.status == "failed" and "--subset imagesTr picks a folder" in result.error
+
+
+def test_a_jpeg_input_gets_a_lossless_png_mask(tmp_path):
+    """A JPEG mask smears label values (41 distinct values came back from a binary mask)."""
+    image = np.full((40, 48), 10, np.uint8)
+    image[5:30, 5:30], image[10:25, 10:25], image[14:20, 14:20] = 30, 60, 100
+    Image.fromarray(image).save(tmp_path / "scan.jpg", quality=100)
+    task = {"kind": "regions", "activation": "sigmoid", "labels": [0, 1, 2, 4],
+            "regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}}
+    checkpoint = {"model": {"name": "regions", "in_channels": 1, "out_channels": 3, "spatial_dims": 2},
+                  "preprocess": PreprocessParams(norm="max").to_dict(), "modalities": [], "task": task}
+    model = LoadedModel(path=tmp_path / "m.pt", checkpoint=checkpoint, network=RegionNet(), device=torch.device("cpu"))
+    [result] = predict_path(str(tmp_path / "scan.jpg"), model, PredictOptions(out=tmp_path / "out"))
+    assert result.status == "ok", result.error
+    assert Path(result.outputs["mask"]).name == "scan_mask.png"
+    assert set(np.unique(np.asarray(Image.open(result.outputs["mask"])))) <= {0, 1, 2, 4}
+
+
+def test_one_labels_file_outlines_one_case_only(tmp_path):
+    write_brats_case(tmp_path / "data", "case1")
+    write_brats_case(tmp_path / "data", "case2")
+    model = threshold_model(tmp_path, 2, ["t1ce", "flair"], 0, PreprocessParams(norm="max"))
+    labels = next((tmp_path / "data" / "case1").glob("*_seg.nii.gz"))
+    options = PredictOptions(out=tmp_path / "out", overlay=True, labels=labels, modalities=BRATS_NAMES)
+    results = predict_path(str(tmp_path / "data"), model, options, {})
+    assert [r.status for r in results] == ["ok", "failed"]
+    assert "--labels names one file" in results[1].error

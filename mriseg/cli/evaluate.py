@@ -74,6 +74,14 @@ def evaluate_command(
     """Per-volume Dice, IoU, HD95, ASSD, sensitivity, precision and volumes, with a Dice bar plot."""
     from mriseg.evaluate import evaluate, evaluate_model, results_table
 
+    with_model = {"--device": device != "auto", "--batch-size": batch_size != 8, "--tta/--no-tta": tta is not None,
+                  "--amp/--no-amp": amp is not None, "--channels-last": channels_last is not None,
+                  "--largest-component": largest_component, "--interpolation": interpolation != "linear"}
+    without_model = {"--strict": strict, "--workers": workers != 1}
+    unused = [name for name, given in (without_model if model else with_model).items() if given]
+    if unused:  # each would be accepted and do nothing
+        raise MrisegError(f"{', '.join(unused)}: " + ("not used with --model (they score PRED GT folders)" if model
+                          else "used only with --model (they predict); PRED GT masks are scored as they are"))
     if model:
         if len(paths) != 1:
             raise MrisegError(f"with --model give one labelled DATA folder, got {len(paths)} paths")

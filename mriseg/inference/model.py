@@ -185,6 +185,10 @@ def fold_runs(folder: Path) -> list[Path]:
         described = ", ".join(f"{name}: {count}-fold" for name, count in counts.items())
         raise BadInputError(folder, f"holds folds of different cross-validations ({described}); remove the stale "
                                     "ones or name the runs with --model")
+    missing = sorted(set(range(next(iter(known)))) - {fold_index(run) for run in runs}) if known else []
+    if missing:  # an ensemble of the folds present is a smaller model than the user trained for
+        warn(f"{folder}: a {next(iter(known))}-fold cross-validation with fold(s) {missing} missing; "
+             f"predicting with the {len(runs)} present")
     return runs
 
 

@@ -167,9 +167,13 @@ def predict_case(case: Case, loaded: LoadedModel, options: PredictOptions,
                  claimed: dict[Path, str] | None = None) -> CaseResult:
     """Predict with the one engine (:meth:`LoadedModel.predict`), post-process and write
     (``claimed``: outputs already written in this run, by input; see :func:`predict_path`)."""
-    truth = labels_for_overlay(case, options.labels) if options.overlay or options.gif else None
     planned = planned_outputs(case, options)
     source = str(case.source_paths[0]) if case.source_paths else case.case_id
+    if options.labels is not None and options.labels.is_file() and claimed:
+        raise BadInputError(options.labels, f"--labels names one file, which outlines one case, and this run "
+                                            f"predicts several (now {case.case_id}); give a folder of label files "
+                                            "named after the cases")
+    truth = labels_for_overlay(case, options.labels) if options.overlay or options.gif else None
     taken = [p for p in planned.values() if p.resolve() in (claimed or {})]
     if taken:
         raise BadInputError(Path(source), f"its output {taken[0]} was already written in this run for "

@@ -25,7 +25,13 @@ def slice_mask_names(case: Case) -> list[str]:
     names = case.header.get("slice_names")
     if not names:
         names = [Path(case.source_paths[0]).name] if case.source_paths else [f"{case.case_id}.png"]
-    return [f"{Path(name).stem}_mask{Path(name).suffix or '.png'}" for name in names]
+    return [f"{Path(name).stem}_mask{mask_suffix(Path(name).suffix)}" for name in names]
+
+
+def mask_suffix(source_suffix: str) -> str:
+    """The source's format for TIF and PNG; PNG for anything else: a JPEG mask would be lossy (its
+    label values smeared) and evaluate reads TIF and PNG masks."""
+    return source_suffix if source_suffix.lower() in (".tif", ".tiff", ".png") else ".png"
 
 
 def write_slice_masks(labels: np.ndarray, case: Case, folder: Path, binary: bool) -> list[Path]:

@@ -48,7 +48,10 @@ def match_modalities(folder: Path, suffixes: dict[str, str], exact: bool) -> dic
 def brats_ref(folder: Path, modalities: dict[str, str] | None) -> CaseRef:
     if modalities is not None:
         found = match_modalities(folder, modalities, exact=True)
-        naming, wanted = "custom", modalities
+        # the 2023 sequence names (t1n, t1c, t2w, t2f) say which label convention the files follow
+        naming = "brats2023" if {k for k in modalities if k not in LABEL_KEYS} <= set(BRATS_NAMINGS["brats2023"]) \
+            else "custom"
+        wanted = modalities
     else:
         best = max(BRATS_NAMINGS, key=lambda n: len(match_modalities(folder, BRATS_NAMINGS[n], exact=False)))
         naming, wanted = best, BRATS_NAMINGS[best]

@@ -212,8 +212,12 @@ def check_voxel_sizes(path: Path, header_class: type) -> None:
         log.warn(f"{path}: negative voxel size (pixdim) {sizes}; using absolute values")
 
 
-def read_image_2d(path: Path) -> np.ndarray:
-    """Read a PNG/TIF/JPEG image as (H, W) or (H, W, C); TIF via tifffile, others via Pillow."""
+def read_image_2d(path: Path, intensities: bool = False) -> np.ndarray:
+    """Read a PNG/TIF/JPEG image as (H, W) or (H, W, C); TIF via tifffile, others via Pillow.
+
+    A palette image holds indices into its colour table: a mask's labels, but for an image to
+    segment (``intensities``) the colours are wanted, as grey levels when the table is grey.
+    """
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
@@ -223,7 +227,10 @@ def read_image_2d(path: Path) -> np.ndarray:
             from PIL import Image
 
             with Image.open(path) as image:
-                array = np.asarray(image)
+                palette = intensities and image.mode == "P"
+                array = np.asarray(image.convert("RGB") if palette else image)
+            if palette and (array == array[..., :1]).all():
+                array = array[..., 0]  # a grey colour table: one channel, as the image means it
     except Exception as error:  # truncated or not an image: unusable either way
         raise BadInputError(path, f"cannot read image ({type(error).__name__}: {error})") from error
     if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):

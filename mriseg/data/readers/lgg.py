@@ -64,7 +64,7 @@ def check_slice_numbers(folder: Path, slices: dict[int, Path], masks: dict[int, 
 
 
 def read_lgg(ref: CaseRef) -> Case:
-    slices = [image_channels(read_image_2d(p), p) for p in ref.image_paths]
+    slices = [image_channels(read_image_2d(p, intensities=True), p) for p in ref.image_paths]
     first = slices[0]
     if first.shape[0] != len(LGG_MODALITIES):
         raise BadInputError(ref.image_paths[0], f"slice has {first.shape[0]} channel(s); kaggle_3m slices are RGB: "

@@ -14,20 +14,30 @@ from mriseg.data.readers.detect import folder_pairs
 from mriseg.errors import BadInputError
 
 
-def list_pair_folder(images: Path, masks: Path, id_prefix: str) -> list[CaseRef]:
-    by_stem = {}
-    for path in visible_files(masks):
+def by_stem(files: list[Path]) -> dict[str, Path]:
+    """Files by name without extension; two files with one stem (``a.png`` and ``a.tif``) would
+    leave which one is the case (or its mask) to chance, so they are refused."""
+    found: dict[str, Path] = {}
+    for path in files:
         stem = strip_suffix(path.name)[0]
-        by_stem[stem] = path
+        if stem in found:
+            raise BadInputError(path, f"{found[stem].name} has the same name without extension; keep one "
+                                      "(which one is the case would be a guess)")
+        found[stem] = path
+    return found
+
+
+def list_pair_folder(images: Path, masks: Path, id_prefix: str) -> list[CaseRef]:
+    by_stem_of_masks = {}
+    for stem, path in by_stem([p for p in visible_files(masks) if is_nifti(p) or is_2d_image(p)]).items():
+        by_stem_of_masks[stem] = path
         for suffix in MASK_SUFFIXES:  # images/a.png with masks/a_mask.png
             if stem.endswith(suffix):
-                by_stem.setdefault(stem[: -len(suffix)], path)
+                by_stem_of_masks.setdefault(stem[: -len(suffix)], path)
     refs = []
-    for image in visible_files(images):
-        stem = strip_suffix(image.name)[0]
-        if is_nifti(image) or is_2d_image(image):
-            refs.append(CaseRef(case_id=id_prefix + stem, layout="pairs", image_paths=(image,),
-                                label_paths=(by_stem[stem],) if stem in by_stem else ()))
+    for stem, image in by_stem([p for p in visible_files(images) if is_nifti(p) or is_2d_image(p)]).items():
+        refs.append(CaseRef(case_id=id_prefix + stem, layout="pairs", image_paths=(image,),
+                            label_paths=(by_stem_of_masks[stem],) if stem in by_stem_of_masks else ()))
     return refs
 
 
@@ -38,7 +48,7 @@ def list_pairs(root: Path) -> list[CaseRef]:
         several = len(pairs) > 1
         return [ref for images, masks in pairs
                 for ref in list_pair_folder(images, masks, f"{images.name}-" if several else "")]
-    files = {strip_suffix(p.name)[0]: p for p in visible_files(root) if is_nifti(p) or is_2d_image(p)}
+    files = by_stem([p for p in visible_files(root) if is_nifti(p) or is_2d_image(p)])
     mask_stems = {s for s in files if s.endswith(MASK_SUFFIXES) and s.rsplit("_", 1)[0] in files}
     refs = []
     for stem, image in sorted(files.items()):
@@ -54,7 +64,7 @@ def read_pair(ref: CaseRef) -> Case:
     path = ref.image_paths[0]
     if is_nifti(path):
         return read_nifti_case(ref, channels_last_4d=True)
-    image = image_channels(read_image_2d(path), path)
+    image = image_channels(read_image_2d(path, intensities=True), path)
     label = None
     if ref.label_paths:
         mask_path = ref.label_paths[0]
