@@ -7,9 +7,8 @@ from typing import Optional
 
 import typer
 
-from mriseg.errors import MrisegError
-
 from mriseg.cli.common import app, examples, print_json
+from mriseg.errors import MrisegError
 from mriseg.log import console
 
 
