@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +16,7 @@ from mriseg.data.case import Case
 from mriseg.data.nifti import write_nifti
 from mriseg.data.readers import list_cases, read_case
 from mriseg.errors import BadInputError, MrisegError
-from mriseg.files import refuse_output_over_inputs, replace_folder
+from mriseg.files import folder_in_place, refuse_output_over_inputs
 from mriseg.labels import LABEL_NAMES, label_names_for, label_scheme, names_after_label_map, remap_labels
 from mriseg.log import info, progress
 from mriseg.options import number
@@ -96,32 +94,29 @@ def convert_to_nnunet(source: str | Path, out: str | Path, dataset_id: int, name
     if target.exists() and not overwrite:
         raise BadInputError(target, "exists; pass --overwrite to replace it")
     created = not Path(out).exists()  # removed again if the conversion fails before writing anything
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    for folder in ("imagesTr", "labelsTr", "imagesTs"):
-        (partial / folder).mkdir(parents=True)
     try:
-        values, originals, names, channels, training, naming = set(), set(), {}, None, 0, ""
-        for case in _units(source, layout, modalities, dims):
-            if channels is not None and case.modalities != channels:
-                raise BadInputError(case.source_paths[0], f"channels {case.modalities} differ from {channels}")
-            channels = case.modalities
-            names.update({int(k): v for k, v in (case.header.get("label_names") or {}).items()})
-            naming = case.header.get("naming", naming)
-            values |= _write_case(case, partial, label_map or {})
-            originals |= set(np.unique(case.label).astype(int).tolist()) if case.label is not None else set()
-            training += case.label is not None
-        ordered = sorted(values | {0})
-        source_names = names or LABEL_NAMES.get(label_scheme(originals, naming), {})
-        named = label_names_for(ordered, label_scheme(ordered), names_after_label_map(source_names, label_map or {})
-                                or None)
-        meta = _dataset_json(name, channels or [], ordered, named, training, source)
-        (partial / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if not any((partial / "imagesTs").iterdir()):
-            (partial / "imagesTs").rmdir()
-        replace_folder(partial, target)
+        with folder_in_place(target) as partial:  # written whole under a hidden name, then renamed
+            for folder in ("imagesTr", "labelsTr", "imagesTs"):
+                (partial / folder).mkdir()
+            values, originals, names, channels, training, naming = set(), set(), {}, None, 0, ""
+            for case in _units(source, layout, modalities, dims):
+                if channels is not None and case.modalities != channels:
+                    raise BadInputError(case.source_paths[0], f"channels {case.modalities} differ from {channels}")
+                channels = case.modalities
+                names.update({int(k): v for k, v in (case.header.get("label_names") or {}).items()})
+                naming = case.header.get("naming", naming)
+                values |= _write_case(case, partial, label_map or {})
+                originals |= set(np.unique(case.label).astype(int).tolist()) if case.label is not None else set()
+                training += case.label is not None
+            ordered = sorted(values | {0})
+            source_names = names or LABEL_NAMES.get(label_scheme(originals, naming), {})
+            named = label_names_for(ordered, label_scheme(ordered),
+                                    names_after_label_map(source_names, label_map or {}) or None)
+            meta = _dataset_json(name, channels or [], ordered, named, training, source)
+            (partial / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+            if not any((partial / "imagesTs").iterdir()):
+                (partial / "imagesTs").rmdir()
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
         if created and Path(out).is_dir() and not any(Path(out).iterdir()):
             Path(out).rmdir()
     info(f"{target}: {training} training case(s), channels {', '.join(channels or [])}, labels {meta['labels']}")
