@@ -5,9 +5,13 @@ It trains MONAI's ``BasicUNet`` (2D) on axial slices of the training cases for a
 and writes the held-out case's labels as NIfTI in the case's own geometry, to be scored by the
 same ``mriseg evaluate`` as mriseg's predictions. Its choices, all MONAI's or the tutorials':
 
-* FLAIR + T1c as two channels, intensities as given (the cases are z-scored within the brain);
+* BraTS 2018 naming (``CASE_flair/t1/t1ce/t2.nii.gz``): the four modalities as channels, each
+  z-scored over its non-zero (brain) voxels, as MONAI's BraTS tutorial's
+  ``NormalizeIntensity(nonzero=True, channel_wise=True)``; the BraTS 2013 cases of ``shared/data/brats``
+  (FLAIR + T1c, already z-scored) as two channels, intensities as given;
   slices cropped to the brain's bounding box over all cases and padded to a multiple of 16;
-* three sigmoid region outputs WT / TC / ET (BraTS 2013 labels: WT = 1-4, TC = 1,3,4, ET = 4)
+* three sigmoid region outputs WT / TC / ET (WT = every tumour label, TC = 1,3,4, ET = 4: BraTS 2013
+  and 2018 labels alike)
   and ``DiceLoss(sigmoid=True)`` plus binary cross-entropy per region (MONAI's ``DiceCELoss`` would
   take softmax cross-entropy across the three overlapping regions, which is wrong for them: the
   first version of this script did, see docs/results.md); Adam, lr 1e-3, cosine decay to the end
@@ -17,7 +21,8 @@ same ``mriseg evaluate`` as mriseg's predictions. Its choices, all MONAI's or th
 * the final model (no checkpoint selection on the held-out case), ``sliding_window_inference``
   over whole slices, thresholds 0.5, labels ET -> 4, TC -> 1, WT -> 2.
 
-Usage: python benchmarks/monai_peer.py --train DIR DIR DIR --test DIR --budget 180 --out pred.nii.gz
+Usage: python benchmarks/monai_peer.py --train DIR... --test DIR... --budget 180 --out FOLDER
+(writes FOLDER/CASE.nii.gz for each test case)
 """
 
 from __future__ import annotations
@@ -33,17 +38,30 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
 from monai.networks.nets import BasicUNet
 
-FILES = {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1ce": "T1c_subtrMeanDivStd.nii.gz", "seg": "OTMultiClass.nii.gz"}
+FILES_2013 = {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1ce": "T1c_subtrMeanDivStd.nii.gz",
+              "seg": "OTMultiClass.nii.gz"}
+MODALITIES_2018 = ("flair", "t1", "t1ce", "t2")
+
+
+def case_files(folder: Path) -> tuple[list[Path], Path]:
+    """The modality files and the label file of a BraTS 2018 or a BraTS 2013 (DeepMedic) case."""
+    if (folder / f"{folder.name}_flair.nii.gz").exists():
+        return [folder / f"{folder.name}_{m}.nii.gz" for m in MODALITIES_2018], folder / f"{folder.name}_seg.nii.gz"
+    return [folder / FILES_2013["flair"], folder / FILES_2013["t1ce"]], folder / FILES_2013["seg"]
 
 
 def read_case(folder: Path) -> tuple[np.ndarray, np.ndarray | None, nib.Nifti1Image]:
-    """Image (2, X, Y, Z) float32 and labels (X, Y, Z) int (None when absent), and the FLAIR header."""
-    flair = nib.load(folder / FILES["flair"])
-    image = np.stack([np.asarray(flair.dataobj, dtype=np.float32),
-                      np.asarray(nib.load(folder / FILES["t1ce"]).dataobj, dtype=np.float32)])
-    seg_path = folder / FILES["seg"]
+    """Image (C, X, Y, Z) float32 and labels (X, Y, Z) int (None when absent), and the first header."""
+    paths, seg_path = case_files(folder)
+    first = nib.load(paths[0])
+    image = np.stack([np.asarray(nib.load(path).dataobj, dtype=np.float32) for path in paths])
+    if len(paths) == len(MODALITIES_2018):  # raw scanner intensities: z-score each channel over the brain
+        for channel in image:
+            brain = channel != 0
+            if brain.any():
+                channel[brain] = (channel[brain] - channel[brain].mean()) / max(float(channel[brain].std()), 1e-8)
     labels = np.rint(np.asarray(nib.load(seg_path).dataobj)).astype(np.int64) if seg_path.exists() else None
-    return image, labels, flair
+    return image, labels, first
 
 
 def regions(labels: np.ndarray) -> np.ndarray:
@@ -67,10 +85,11 @@ def brain_box(images: list[np.ndarray]) -> tuple[slice, slice]:
     return box[0], box[1]
 
 
-def train(cases: list[tuple[np.ndarray, np.ndarray]], budget: float, started: float, seed: int) -> BasicUNet:
+def train(cases: list[tuple[np.ndarray, np.ndarray]], budget: float, started: float, seed: int,
+          channels: int) -> BasicUNet:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = BasicUNet(spatial_dims=2, in_channels=2, out_channels=3, features=(16, 16, 32, 64, 128, 16))
+    net = BasicUNet(spatial_dims=2, in_channels=channels, out_channels=3, features=(16, 16, 32, 64, 128, 16))
     dice_loss, bce_loss = DiceLoss(sigmoid=True), torch.nn.BCEWithLogitsLoss()
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -112,9 +131,9 @@ def train(cases: list[tuple[np.ndarray, np.ndarray]], budget: float, started: fl
 
 
 def predict(net: BasicUNet, image: np.ndarray) -> np.ndarray:
-    """BraTS labels (X, Y, Z) of a cropped image (2, X, Y, Z)."""
+    """BraTS labels (X, Y, Z) of a cropped image (C, X, Y, Z)."""
     net.eval()
-    slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))  # (Z, 2, X, Y)
+    slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))  # (Z, C, X, Y)
     with torch.inference_mode():
         probs = torch.sigmoid(sliding_window_inference(slices, image.shape[1:3], 16, net))
     wt, tc, et = (probs[:, i].numpy() > 0.5 for i in range(3))
@@ -125,23 +144,24 @@ def predict(net: BasicUNet, image: np.ndarray) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", nargs="+", type=Path, required=True)
-    parser.add_argument("--test", type=Path, required=True)
+    parser.add_argument("--test", nargs="+", type=Path, required=True)
     parser.add_argument("--budget", type=float, required=True, help="seconds of training, from the start")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for CASE.nii.gz per test case")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     started = time.perf_counter()
     loaded = [read_case(folder) for folder in args.train]
-    test_image, _, header = read_case(args.test)
-    box = brain_box([image for image, _, _ in loaded] + [test_image])
+    tests = [read_case(folder) for folder in args.test]
+    box = brain_box([image for image, _, _ in loaded + tests])
     cases = [(image[:, box[0], box[1]], labels[box[0], box[1]]) for image, labels, _ in loaded]
-    net = train(cases, args.budget, started, args.seed)
-    labels = np.zeros(test_image.shape[1:], np.uint8)
-    labels[box[0], box[1]] = predict(net, test_image[:, box[0], box[1]])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    written = nib.Nifti1Image(labels, header.affine, header.header)
-    written.set_data_dtype(np.uint8)
-    nib.save(written, args.out)
+    net = train(cases, args.budget, started, args.seed, loaded[0][0].shape[0])
+    args.out.mkdir(parents=True, exist_ok=True)
+    for folder, (image, _, header) in zip(args.test, tests):
+        labels = np.zeros(image.shape[1:], np.uint8)
+        labels[box[0], box[1]] = predict(net, image[:, box[0], box[1]])
+        written = nib.Nifti1Image(labels, header.affine, header.header)
+        written.set_data_dtype(np.uint8)
+        nib.save(written, args.out / f"{folder.name}.nii.gz")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,29 @@
-"""Cross-validated quality on the real BraTS cases: mriseg recipes and a MONAI peer at one budget.
+"""Cross-validated quality on real BraTS cases: mriseg recipes and a MONAI peer at one budget.
 
-4-fold cross-validation by patient over the cases in ``../shared/data/brats`` (train on 3, hold 1
-out). Every arm trains each fold for the same wall-clock ``--budget`` (mriseg: ``train --time``,
-the peer: its own clock from process start), then the held-out case is predicted with the run's
-*final* model (``last.pt``: nothing is chosen by the held-out case) and scored on its original
-1 mm grid by ``mriseg evaluate`` (WT / TC / ET Dice). Folds run ``--parallel`` at a time with
-``--threads`` torch threads each, so every arm sees the same machine.
+Five-fold cross-validation by patient over ``../shared/data/brats2018`` (21 four-modality cases), with
+the committed fold file ``benchmarks/brats2018_folds.json`` (nnU-Net's ``splits_final.json`` form; the
+four LGG cases each in another fold). Every arm trains each fold for the same wall-clock ``--budget``
+(mriseg: ``train --time``, counted from its own start; the peer: its own clock from process start),
+then the fold's held-out cases are predicted with the run's *final* model (``last.pt``: nothing is
+chosen by a held-out case; training validates on them only to draw its curve) and scored on their
+original 1 mm grid by ``mriseg evaluate --regions brats`` (WT / TC / ET Dice and HD95 per case).
+Jobs (arm x fold) run ``--parallel`` at a time with ``--threads`` torch threads each, so every arm sees
+the same machine. With ``--data ../shared/data/brats`` (the BraTS 2013 regression row) the folds are
+leave-one-out over its four cases.
 
 Arms are ``NAME;TRAIN ARGS;PREPROCESS ARGS`` (the last two optional), or ``monai`` for the peer::
 
-    python benchmarks/quality.py --budget 3m --out /tmp/quality \\
-        --arm "default" --arm "wide;--model-options features=16" --arm monai
+    python benchmarks/quality.py --budget 5m --out /tmp/quality \\
+        --arm "default" --arm "native;;--crop" --arm monai
 
-With ``--ensemble K`` a mriseg arm trains a K-fold cross-validation of the three training cases
-within the same budget and predicts the held-out case with the fold ensemble.
-
-Prints one row per arm (mean and per-fold Dice) and adds it to ``results.json`` in ``--out``, where
-folds run separately (``--folds 0,1``, then ``--folds 2,3``) join one row per arm and budget.
+Prints one row per arm (mean over every held-out case, and per fold) and adds it to ``results.json``
+in ``--out``; folds run separately (``--folds 0,1``, then ``--folds 2,3,4``) join one row.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -32,9 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "brats"
-MODALITIES = "flair=Flair_subtrMeanDivStd,t1ce=T1c_subtrMeanDivStd,seg=OTMultiClass"
+DATA = REPO.parent / "shared" / "data" / "brats2018"
+FOLD_FILE = REPO / "benchmarks" / "brats2018_folds.json"
+MODALITIES_2013 = "flair=Flair_subtrMeanDivStd,t1ce=T1c_subtrMeanDivStd,seg=OTMultiClass"
 DEFAULT_PREPROCESS = "--crop --size 128,128"
 REGIONS = ("WT", "TC", "ET")
 
@@ -72,100 +77,107 @@ def mriseg(*args: str) -> list[str]:
     return [sys.executable, "-m", "mriseg", *args]
 
 
-def prepare(out: Path, data: Path, cases: list[str], arm: Arm, threads: int) -> Path:
+def modality_options(data: Path, with_label: bool = True) -> list[str]:
+    """``--modalities`` for the BraTS 2013 (DeepMedic) file names; BraTS 2018 names need none."""
+    if any(data.glob("*/*_flair.nii.gz")):
+        return []
+    return ["--modalities", MODALITIES_2013 if with_label else MODALITIES_2013.rsplit(",", 1)[0]]
+
+
+def prepare(out: Path, data: Path, arm: Arm, threads: int) -> Path:
     """The arm's cache of every case (preprocessing is per case: nothing leaks between folds)."""
     key = "".join(c if c.isalnum() else "_" for c in arm.preprocess_args) or "plain"
     cache = out / f"cache-{key}"
-    run(mriseg("preprocess", str(data), str(cache), "--modalities", MODALITIES,
-               *shlex.split(arm.preprocess_args)), out / f"cache-{key}.log", threads)
+    run(mriseg("preprocess", str(data), str(cache), *modality_options(data), *shlex.split(arm.preprocess_args)),
+        out / f"cache-{key}.log", threads)
     return cache
 
 
-def held_out_folder(out: Path, data: Path, case: str) -> Path:
-    folder = out / "held-out" / case
+def folds_of(data: Path, cases: list[str], fold_file: Path | None) -> list[dict[str, list[str]]]:
+    """The committed folds for brats2018 (or ``--fold-file``), else leave-one-out."""
+    path = fold_file or (FOLD_FILE if data.resolve().name == "brats2018" else None)
+    if path is None:
+        return [{"train": [c for c in cases if c != test], "val": [test]} for test in cases]
+    folds = json.loads(path.read_text())
+    listed = sorted(c for fold in folds for c in fold["val"])
+    if listed != sorted(cases):
+        raise SystemExit(f"{path}: its held-out cases are not the cases of {data}")
+    return folds
+
+
+def held_out_folder(out: Path, data: Path, fold: int, cases: list[str]) -> Path:
+    folder = out / "held-out" / f"fold_{fold}"
     folder.mkdir(parents=True, exist_ok=True)
-    link = folder / case
-    if not link.exists():
-        link.symlink_to((data / case).resolve())
+    for case in cases:
+        link = folder / case
+        if not link.exists():
+            link.symlink_to((data / case).resolve())
     return folder
 
 
-def score(prediction: Path, truth: Path, log: Path, threads: int) -> dict[str, float]:
-    """WT / TC / ET Dice of ``mriseg evaluate`` on the original grid."""
+def score(prediction: Path, truth: Path, data: Path, log: Path, threads: int) -> dict[str, dict[str, float]]:
+    """Per case: WT / TC / ET Dice and HD95 of ``mriseg evaluate`` on the original grid."""
     evaluated = prediction.parent / (prediction.name + "-eval")
-    summary = json.loads(run(mriseg("evaluate", str(prediction), str(truth), "--out", str(evaluated),
-                                    "--modalities", MODALITIES, "--overwrite", "--json"),
-                             log, threads))
-    return {region: summary["regions"][region]["metrics"]["dice"]["mean"] for region in REGIONS}
+    run(mriseg("evaluate", str(prediction), str(truth), "--out", str(evaluated), "--regions", "brats",
+               *modality_options(data), "--overwrite", "--json"), log, threads)
+    scores: dict[str, dict[str, float | None]] = {}
+    for row in csv.DictReader((evaluated / "metrics.csv").open()):
+        if row["region"] in REGIONS:
+            for metric in ("dice", "hd95"):
+                scores.setdefault(row["case_id"], {})[f"{metric}_{row['region']}"] = \
+                    float(row[metric]) if row[metric] else None
+    return scores
 
 
-def run_fold(arm: Arm, fold: int, cases: list[str], args: argparse.Namespace, cache: Path | None) -> dict:
-    test = cases[fold]
-    train_cases = [c for c in cases if c != test]
+def run_fold(arm: Arm, fold: int, split: dict, args: argparse.Namespace, cache: Path | None) -> dict:
     folder = args.out / arm.name / f"fold_{fold}"
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "commands.log"
-    truth = held_out_folder(args.out, args.data, test)
+    truth = args.out / "held-out" / f"fold_{fold}"
+    prediction = folder / "pred"
     started = time.perf_counter()
     if arm.is_peer:
-        prediction = folder / "pred"
         run([sys.executable, str(REPO / "benchmarks" / "monai_peer.py"), "--train",
-             *(str(args.data / c) for c in train_cases), "--test", str(args.data / test),
-             "--budget", str(args.budget_seconds), "--out", str(prediction / f"{test}.nii.gz")], log, args.threads)
+             *(str(args.data / c) for c in split["train"]), "--test", *(str(args.data / c) for c in split["val"]),
+             "--budget", str(args.budget_seconds), "--out", str(prediction)], log, args.threads)
         trained = time.perf_counter() - started
     else:
-        split = folder / "split.json"
-        split.write_text(json.dumps(inner_folds(train_cases, args.ensemble) if args.ensemble
-                                    else {"train": train_cases, "val": [test]}))
-        run(mriseg("train", str(cache), "--split", str(split), "--time", args.budget, "--out", str(folder / "run"),
-                   "--overwrite", *shlex.split(arm.train_args)), log, args.threads)
+        (folder / "split.json").write_text(json.dumps(split))
+        run(mriseg("train", str(cache), "--split", str(folder / "split.json"), "--time", args.budget,
+                   "--out", str(folder / "run"), "--overwrite", *shlex.split(arm.train_args)), log, args.threads)
         trained = time.perf_counter() - started
-        prediction = folder / "pred-dice"
-        model = folder / "run" if args.ensemble else folder / "run" / "last.pt"
-        for key, extra in variants(args.no_tta).items():
-            run(mriseg("predict", str(truth), "--model", str(model), "--out",
-                       str(folder / f"pred-{key}"), "--modalities", MODALITIES.rsplit(",", 1)[0], "--overwrite",
-                       *extra), log, args.threads)
-    keys = ["dice"] if arm.is_peer else list(variants(args.no_tta))
-    scores = {key: score(prediction if key == "dice" else folder / f"pred-{key}", truth, log, args.threads)
-              for key in keys}
-    dice = scores["dice"]
-    print(f"{arm.name} fold {fold} ({test}): " + " ".join(f"{r} {dice[r]:.4f}" for r in REGIONS)
-          + f"  (trained in {trained:.0f} s)", flush=True)
-    return {"fold": fold, "case": test, **scores, "train_seconds": round(trained, 1)}
+        run(mriseg("predict", str(truth), "--model", str(folder / "run" / "last.pt"), "--out", str(prediction),
+                   *modality_options(args.data, with_label=False), "--overwrite", *shlex.split(args.predict_args)),
+            log, args.threads)
+    cases = score(prediction, truth, args.data, log, args.threads)
+    summary = json.loads((folder / "run" / "summary.json").read_text()) if not arm.is_peer else {}
+    print(f"{arm.name} fold {fold}: " + " ".join(f"{r} {np.mean([c[f'dice_{r}'] for c in cases.values()]):.4f}"
+                                                 for r in REGIONS)
+          + f"  (trained in {trained:.0f} s{', ' + str(summary.get('steps')) + ' steps' if summary else ''})",
+          flush=True)
+    return {"fold": fold, "cases": cases, "train_seconds": round(trained, 1), "steps": summary.get("steps"),
+            "time_used_s": summary.get("time_used_s")}
 
 
-def inner_folds(cases: list[str], count: int) -> list[dict[str, list[str]]]:
-    """``count`` folds over the training cases only (the held-out case is in none of them)."""
-    return [{"train": [c for i, c in enumerate(cases) if i % count != k],
-             "val": [c for i, c in enumerate(cases) if i % count == k]} for k in range(count)]
+def means(rows: list[dict]) -> dict[str, float]:
+    """Means over every held-out case of the folds (NaN HD95, an empty prediction, left out)."""
+    cases = [case for row in rows for case in row["cases"].values()]
+    return {key: float(np.nanmean([float(c[key]) if c[key] is not None else np.nan for c in cases]))
+            for key in cases[0]}
 
 
-def variants(no_tta: bool) -> dict[str, list[str]]:
-    """The predictions scored per mriseg fold: predict's default (flip TTA for 2D models), with the
-    largest component, and (``--no-tta``) without flips."""
-    chosen = {"dice": [], "dice_largest_component": ["--largest-component"]}
-    if no_tta:
-        chosen["dice_no_tta"] = ["--no-tta"]
-    return chosen
-
-
-def mean_dice(rows: list[dict], key: str) -> dict[str, float]:
-    return {r: sum(row[key][r] for row in rows) / len(rows) for r in REGIONS}
-
-
-def record(path: Path, budget: str, arm: Arm, rows: list[dict]) -> dict:
+def record(path: Path, budget: str, arm: Arm, rows: list[dict], threads: int) -> dict:
     """Add an arm's folds to ``results.json``; folds of an earlier run of the same arm (same
-    options) are kept unless run again, so ``--folds 0,1`` then ``--folds 2,3`` make one table."""
+    options) are kept unless run again, so ``--folds 0,1`` then ``--folds 2,3,4`` make one row."""
     everything = json.loads(path.read_text()) if path.exists() else {}
     earlier = everything.setdefault(budget, {}).get(arm.name, {})
     same = (earlier.get("train_args"), earlier.get("preprocess_args")) == (arm.train_args, arm.preprocess_args)
     by_fold = {row["fold"]: row for row in earlier.get("folds", [])} if same else {}
     by_fold.update({row["fold"]: row for row in rows})
     merged = [by_fold[fold] for fold in sorted(by_fold)]
-    result = {"train_args": arm.train_args, "preprocess_args": arm.preprocess_args, "folds": merged}
-    for key in [k for k in merged[0] if k.startswith("dice") and all(k in row for row in merged)]:
-        result["mean" + key[len("dice"):]] = mean_dice(merged, key)
+    result = {"train_args": arm.train_args, "preprocess_args": arm.preprocess_args, "threads": threads,
+              "folds": merged, "mean": means(merged),
+              "fold_means": {row["fold"]: means([row]) for row in merged}}
     everything[budget][arm.name] = result
     from mriseg.files import write_json_atomic  # the project's one atomic writer (REPO is on sys.path by now)
 
@@ -173,21 +185,29 @@ def record(path: Path, budget: str, arm: Arm, rows: list[dict]) -> dict:
     return result
 
 
+def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
+    print(f"\nbudget {args.budget} per fold, {args.parallel} jobs at a time, {args.threads} thread(s) each")
+    print("| arm | WT | TC | ET | HD95 WT / TC / ET (mm) | WT per fold | worst case WT |")
+    print("|---|---:|---:|---:|---|---|---:|")
+    for name, result in results.items():
+        mean = result["mean"]
+        per_fold = " / ".join(f"{result['fold_means'][row['fold']]['dice_WT']:.3f}" for row in result["folds"])
+        worst = min(c["dice_WT"] for row in result["folds"] for c in row["cases"].values())
+        print(f"| {name} | " + " | ".join(f"{mean[f'dice_{r}']:.3f}" for r in REGIONS) + " | "
+              + " / ".join(f"{mean[f'hd95_{r}']:.1f}" for r in REGIONS) + f" | {per_fold} | {worst:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", default="3m", help="training wall-clock per fold, e.g. 3m, 15m")
+    parser.add_argument("--budget", default="5m", help="training wall-clock per fold, e.g. 5m, 15m")
     parser.add_argument("--arm", action="append", default=[], help="NAME;TRAIN ARGS;PREPROCESS ARGS, or monai")
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--fold-file", type=Path, default=None, help="splits_final.json-style folds")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--folds", default="0,1,2,3", help="which folds to run")
-    parser.add_argument("--parallel", type=int, default=2, help="folds trained at the same time")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per fold")
-    parser.add_argument("--no-tta", action="store_true",
-                        help="also score mriseg's folds with predict --no-tta (no flips)")
-    parser.add_argument("--ensemble", type=int, default=0, metavar="K",
-                        help="mriseg arms train K folds of the training cases within the budget (train shares "
-                             "it out) and predict the held-out case with their ensemble (each fold's best.pt, "
-                             "chosen by its own validation case)")
+    parser.add_argument("--folds", default=None, help="which folds to run (default: all)")
+    parser.add_argument("--parallel", type=int, default=2, help="jobs (arm x fold) run at the same time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    parser.add_argument("--predict-args", default="", help="extra options of mriseg predict")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from mriseg.train.budget import parse_duration
@@ -195,23 +215,18 @@ def main() -> None:
     args.budget_seconds = parse_duration(args.budget)
     args.out.mkdir(parents=True, exist_ok=True)
     cases = sorted(p.name for p in args.data.iterdir() if p.is_dir())
-    folds = [int(f) for f in args.folds.split(",")]
+    folds = folds_of(args.data, cases, args.fold_file)
+    chosen = [int(f) for f in args.folds.split(",")] if args.folds else list(range(len(folds)))
     arms = [parse_arm(a) for a in (args.arm or ["default", "monai"])]
-    results = {}
-    for arm in arms:
-        cache = None if arm.is_peer else prepare(args.out, args.data, cases, arm, args.threads)
-        with ThreadPoolExecutor(args.parallel) as pool:
-            rows = list(pool.map(lambda f: run_fold(arm, f, cases, args, cache), folds))
-        results[arm.name] = record(args.out / "results.json", args.budget, arm, rows)
-    print(f"\nbudget {args.budget} per fold, {args.parallel} folds at a time, {args.threads} thread(s) each")
-    extra = [key[len("dice_"):] for key in list(variants(args.no_tta))[1:]]
-    print("| arm | mean WT | mean TC | mean ET | WT per fold | " + " | ".join(f"mean WT, {e}" for e in extra) + " |")
-    print("|---|---:|---:|---:|---|" + "---:|" * len(extra))
-    for name, result in results.items():
-        per_fold = " / ".join(f"{row['dice']['WT']:.3f}" for row in result["folds"])
-        others = [result.get("mean_" + e) for e in extra]
-        print(f"| {name} | " + " | ".join(f"{result['mean'][r]:.3f}" for r in REGIONS) + f" | {per_fold} | "
-              + " | ".join(f"{o['WT']:.3f}" if o else "-" for o in others) + " |")
+    caches = {arm.name: None if arm.is_peer else prepare(args.out, args.data, arm, args.threads) for arm in arms}
+    for fold in chosen:  # before the jobs start: they share these folders
+        held_out_folder(args.out, args.data, fold, folds[fold]["val"])
+    jobs = [(arm, fold) for arm in arms for fold in chosen]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        rows = list(pool.map(lambda job: run_fold(job[0], job[1], folds[job[1]], args, caches[job[0].name]), jobs))
+    results = {arm.name: record(args.out / "results.json", args.budget, arm,
+                                [row for (a, _), row in zip(jobs, rows) if a is arm], args.threads) for arm in arms}
+    print_table(results, args)
 
 
 if __name__ == "__main__":

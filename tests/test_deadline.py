@@ -49,11 +49,13 @@ def test_the_budget_keeps_time_for_the_end_of_the_epoch():
     assert not budget.out_of_time()
     budget.validations = [5.0]
     assert budget.out_of_time()  # 10.25 s needed, 10 s left
-    # an epoch of 3 steps needs 3 + 6.25 + 1 = 10.25 s; 9 s (10 s less 1 s) hold 0.88 of one: the plan
-    # rounds to the nearest epoch and out_of_time cuts that one short
-    assert budget.epochs_that_fit(4, 3) == 5
-    # an epoch of 10 steps (17.25 s) would be 0.52 of one: planned; of 12 steps (19.25 s) 0.47: not
-    assert budget.epochs_that_fit(4, 10) == 5 and budget.epochs_that_fit(4, 12) == 4
+    # the plan spends what is left: 10.5 s less 1 s, an epoch end costs 6 s (1.25 x 4 s + 2 x 0.5 s),
+    # so 3 steps of 1 s fit, as a whole epoch of 3 or the partial last epoch of a longer one
+    budget.started, budget.validations = time.monotonic() - 49.5, [4.0]
+    assert budget.plan(0, 3) == (1, 3) and budget.plan(0, 10) == (1, 3)
+    assert budget.plan(8, 10) == (1, 2)  # the running epoch has 2 steps left, and no second epoch fits
+    budget.started = time.monotonic() - 29.5  # 30.5 s left: 29.5 s hold 10 steps + 6 s, then 7 steps + 6 s
+    assert budget.plan(0, 10) == (2, 17)
 
 
 def test_a_timed_run_ends_before_its_deadline_with_a_validated_best(cache, tmp_path):

@@ -290,18 +290,39 @@ def test_an_unknown_model_is_refused_before_any_data_is_made(tmp_path, monkeypat
     assert not (tmp_path / "home").exists() and not (tmp_path / "run").exists()
 
 
+def shaped(*shapes, slice_axis=2):
+    """Stand-ins for training volumes of the given spatial shapes."""
+    from mriseg.train import Volume
+
+    return [Volume("case", np.zeros((1, *shape), np.float16), np.zeros(shape, np.uint8), slice_axis)
+            for shape in shapes]
+
+
 def test_3d_only_models_default_to_3d_with_a_patch_they_accept():
     from mriseg.models import build_model
     from mriseg.train import default_patch_size, default_spatial_dims
 
     assert default_spatial_dims("unet") == 2 and default_spatial_dims("unet3d") == default_spatial_dims("tiny3d") == 3
     tiny = build_model("tiny3d", 4, 3, spatial_dims=3)
-    assert default_patch_size(tiny, (64, 64, 48)) == (64, 64, 47)  # depth 4k - 1, the rest as large as allowed
+    assert default_patch_size(tiny, shaped((64, 64, 48)), 3) == (64, 64, 47)  # depth 4k - 1, the rest largest
     unet3d = build_model("unet3d", 4, 3, spatial_dims=3, features=4)
-    assert default_patch_size(unet3d, (20, 130, 300)) == (16, 128, 128)  # multiples of 8, at most 128
+    assert default_patch_size(unet3d, shaped((20, 130, 300)), 3) == (16, 128, 128)  # multiples of 8, at most 128
     resunet = build_model("resunet", 4, 3, spatial_dims=3)
-    assert default_patch_size(resunet, (127, 127, 200)) == (96, 96, 128)  # multiples of 32
-    assert default_patch_size(tiny, (64, 64, 5)) == (64, 64, 5)  # nothing fits: left for the model to name
+    assert default_patch_size(resunet, shaped((127, 127, 200)), 3) == (96, 96, 128)  # multiples of 32
+    assert default_patch_size(tiny, shaped((64, 64, 5)), 3) == (64, 64, 7)  # too short: padded up
+    # volumes of several shapes (a crop-only cache): the median shape decides
+    assert default_patch_size(unet3d, shaped((40, 40, 40), (48, 56, 40), (90, 90, 90)), 3) == (48, 56, 40)
+
+
+def test_2d_slices_of_one_accepted_size_train_whole_and_others_pad_to_a_covering_size():
+    from mriseg.models import build_model
+    from mriseg.train import default_patch_size
+
+    unet = build_model("unet", 4, 3, spatial_dims=2, features=4)  # sizes: multiples of 16
+    assert default_patch_size(unet, shaped((128, 128, 40), (128, 128, 60)), 2) is None
+    assert default_patch_size(unet, shaped((138, 173, 40)), 2) == (144, 176)
+    assert default_patch_size(unet, shaped((138, 173, 40), (146, 160, 20)), 2) == (160, 176)
+    assert default_patch_size(unet, shaped((20, 150, 170), slice_axis=0), 2) == (160, 176)
 
 
 def test_a_3d_only_model_without_data_trains_on_the_synthetic_brats_default(tmp_path, monkeypatch):

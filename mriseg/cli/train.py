@@ -172,3 +172,33 @@ def train_command(
     summary = train(data, model=model, out=out, resume=resume, overwrite=overwrite, **given)
     if as_json and os.environ.get("RANK", "0") == "0":
         print_json(summary)
+
+
+@app.command("plan", epilog=examples("mriseg plan cache/brats --time 15m",
+                                     "mriseg plan cache/brats --time 2h --device cuda --json"))
+def plan_command(
+    data: str = typer.Argument(..., help="Preprocess cache (what mriseg train would read)."),
+    time_limit: str = typer.Option(..., "--time", help="Wall-clock budget, e.g. 5m, 15m, 4h."),
+    model: Optional[str] = typer.Option(None, "--model", help="Network name, taken as given."),
+    dims: Optional[int] = typer.Option(None, "--dims", help="2 or 3, taken as given."),
+    model_options: Optional[str] = typer.Option(None, "--model-options", help="e.g. features=32, taken as given."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Taken as given."),
+    patch_size: Optional[str] = typer.Option(None, "--patch-size", help="Training window, taken as given."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. (default: auto)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
+) -> None:
+    """Print the recipe mriseg train DATA --time T would choose, and why, without training."""
+    from mriseg.train import plan_training
+
+    settings = {"spatial_dims": dims, "model_options": _model_options(model_options), "batch_size": batch_size,
+                "patch_size": parse_numbers(patch_size, "--patch-size"), "device": device}
+    plan = plan_training(data, time_limit, model=model,
+                         **{key: value for key, value in settings.items() if value is not None and value != {}})
+    if as_json:
+        print_json(plan.to_dict())
+        return
+    for reason in plan.reasons:
+        print(reason)
+    for warning in plan.warnings:
+        print(f"warning: {warning}")
+    print("measured: " + ", ".join(f"{key} {value}" for key, value in plan.measured.items()))

@@ -14,13 +14,14 @@ Where things live (read ``loop.py`` first: ``train -> run_training -> run_epoch 
 from mriseg.train.loop import run_training, train, train_step
 from mriseg.train.options import (OPTIMIZERS, SCHEDULES, TASKS, TrainOptions, default_patch_size,
                                   default_spatial_dims)
+from mriseg.train.plan import Plan, plan_training
 from mriseg.train.run_folder import RunFolder, resumed_options
 from mriseg.train.sampling import StepBatches, TrainingSamples, Volume, load_volumes, saved_split, split_cases
 from mriseg.train.schedule import LearningRate, build_optimizer
 from mriseg.train.signals import StopRequested
 from mriseg.train.validation import resolve_task, validate
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "TASKS", "LearningRate", "RunFolder", "StepBatches", "StopRequested",
-           "TrainOptions", "TrainingSamples", "Volume", "build_optimizer", "default_patch_size",
+__all__ = ["OPTIMIZERS", "SCHEDULES", "TASKS", "LearningRate", "Plan", "RunFolder", "StepBatches", "StopRequested",
+           "TrainOptions", "TrainingSamples", "Volume", "build_optimizer", "plan_training", "default_patch_size",
            "default_spatial_dims", "load_volumes", "resolve_task", "resumed_options", "run_training",
            "saved_split", "split_cases", "train", "train_step", "validate"]

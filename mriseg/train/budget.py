@@ -13,10 +13,16 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from mriseg.errors import MrisegError
+
+if TYPE_CHECKING:  # the session imports this module
+    from mriseg.train.session import Session, TrainingState
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -94,26 +100,36 @@ class Budget:
 
     def reserve(self) -> float:
         """Seconds to keep for the end of an epoch: validation, last.pt + best.pt, the final plot."""
-        validation = max(self.validations) if self.validations else self.validation_estimate
-        checkpoint = max(self.checkpoint_writes) if self.checkpoint_writes else 1.0
         recent = max(self.step_times[-10:][1:] or self.step_times[-1:] or [0.0])
-        return 1.25 * validation + 2 * checkpoint + 2 * max(self.step_time() or 0.0, recent) + 1.0
+        return self.epoch_end_cost() + 2 * max(self.step_time() or 0.0, recent) + 1.0
 
     def out_of_time(self) -> bool:
         """True when one more step would eat into the time the end of the epoch needs."""
         return self.left() <= self.reserve()
 
-    def epochs_that_fit(self, epochs_done: int, steps_per_epoch: int) -> int:
-        """Total epochs (done + still to run) the remaining time holds at the measured speeds."""
-        step = self.step_time()
-        if step is None:
-            return epochs_done + 1
+    def epoch_end_cost(self) -> float:
+        """Seconds the end of an epoch takes: a validation (with margin) and last.pt + best.pt."""
         validation = max(self.validations) if self.validations else self.validation_estimate
         checkpoint = max(self.checkpoint_writes) if self.checkpoint_writes else 1.0
-        per_epoch = steps_per_epoch * step + 1.25 * validation + 2 * checkpoint
-        # rounded, not floored: a last epoch that does not quite fit is cut short by out_of_time, so at
-        # most half an epoch of the budget goes unused
-        return epochs_done + max(0, int((self.left() - 1.0) / per_epoch + 0.5))
+        return 1.25 * validation + 2 * checkpoint
+
+    def plan(self, steps_done_in_epoch: int, steps_per_epoch: int) -> tuple[int, int]:
+        """``(epochs, steps)`` the remaining time holds from here, at the measured speeds: the running
+        (or next) epoch, whole epochs, then a last partial epoch with what is left, each ending with a
+        validation and checkpoints. Nothing is rounded away: the last epoch takes whatever time is
+        left (at 5 minutes, rounding to whole epochs left a quarter of the budget unused)."""
+        step = self.step_time()
+        if step is None:
+            return 1, steps_per_epoch - steps_done_in_epoch
+        end, left = self.epoch_end_cost(), self.left() - 1.0
+        epochs = steps = 0
+        remaining = steps_per_epoch - steps_done_in_epoch
+        while remaining and left - end >= step:
+            fit = min(remaining, int((left - end) / step))
+            epochs, steps, left = epochs + 1, steps + fit, left - fit * step - end
+            remaining = steps_per_epoch
+        return epochs, steps
+
 
     def account(self) -> str:
         """One line for the log: how the budget was spent."""
@@ -157,3 +173,36 @@ def budget_for_run(seconds: float | None, started: float, checkpoint: dict | Non
         raise MrisegError(f"the run has already used {format_seconds(spent)} of its --time "
                           f"{format_seconds(seconds)}; pass a larger --time to train further")
     return Budget(seconds=seconds, started=started, spent_before=spent)
+
+
+def note_step(session: Session, state: TrainingState, epoch: int, step_time: float) -> None:
+    """Count a step against the budget; after the calibration steps, plan the epochs that fit."""
+    budget = session.budget
+    budget.step_times.append(step_time)
+    budget.spent["steps"] += step_time
+    if len(budget.step_times) == CALIBRATION_STEPS + 1:
+        volumes = session.val_volumes
+        budget.validation_estimate = validation_estimate(
+            [tuple(v.image.shape[1:]) for v in volumes], [v.slices for v in volumes], session.options.spatial_dims,
+            session.options.batch_size, session.options.patch_size, budget.step_time())
+        plan_epochs(session, state, epoch, running=True)
+
+
+def plan_epochs(session: Session, state: TrainingState, epochs_done: int, running: bool = False) -> int:
+    """Fit the epochs to the time left (the same number on every rank; the last one may be partial,
+    the out-of-time check cuts it short) and run the lr schedule to the last step that fits."""
+    options, budget = session.options, session.budget
+    done_in_epoch = min(max(state.global_step - epochs_done * options.steps_per_epoch, 0),
+                        options.steps_per_epoch) if running else 0
+    epochs, steps = budget.plan(done_in_epoch, options.steps_per_epoch)
+    planned = torch.tensor([min(options.epochs, epochs_done + epochs), state.global_step + steps])
+    if session.world_size > 1:  # ranks time themselves; all follow the most cautious plan
+        dist.all_reduce(planned, op=dist.ReduceOp.MIN)
+    epochs, total_steps = int(planned[0].item()), int(planned[1].item())
+    epochs = max(epochs, epochs_done + 1) if running else epochs
+    if epochs > epochs_done and epochs != session.planned_epochs and session.is_writer:
+        session.run.say(f"time budget: {format_seconds(budget.left())} left at {budget.step_time() * 1000:.0f} "
+                        f"ms/step; planning {epochs} epochs ({total_steps} steps) in all")
+    session.planned_epochs = max(epochs, epochs_done)
+    session.schedule.total_steps = min(total_steps, session.planned_epochs * options.steps_per_epoch)
+    return epochs

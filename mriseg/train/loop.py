@@ -28,8 +28,7 @@ from mriseg.errors import BadInputError, MrisegError
 from mriseg.files import refuse_output_over_inputs, write_json_atomic
 from mriseg.inference.context import context_channels
 from mriseg.losses import deep_supervision_loss
-from mriseg.train.budget import (CALIBRATION_STEPS, budget_for_run, format_seconds, parse_duration,
-                                 validation_estimate)
+from mriseg.train.budget import budget_for_run, format_seconds, note_step, parse_duration, plan_epochs
 from mriseg.train.folds import fold_count, folds_folder, train_all_folds
 from mriseg.train.options import TrainOptions, fresh_options
 from mriseg.train.run_folder import (RunFolder, library_versions, point_latest_at, prepare_run_dir, resolve_run_dir,
@@ -152,9 +151,15 @@ def start_run(session: Session, state: TrainingState, data: Any, resume: bool) -
             "train_cases": session.train_ids, "val_cases": session.val_ids, "device": str(session.device),
             "world_size": session.world_size, "precision": session.precision.describe(),
             "workers": session.workers, "versions": library_versions(),
+            "plan": session.plan.to_dict() if session.plan is not None else None,
             "started": datetime.datetime.now().isoformat(timespec="seconds")})
         point_latest_at(run.path)
     run.say(f"precision: {session.precision.describe()}")
+    if session.plan is not None and not resume:
+        run.say("plan for the time budget (mriseg plan prints it; options given always win): "
+                + "; ".join(session.plan.reasons))
+        for warning in session.plan.warnings:
+            log.warn(warning)
     run.say(session.description)
     run.say(f"run folder: {run.path}" + (f" (resuming at epoch {state.epoch + 1}, step {state.global_step})"
                                          if resume else ""))
@@ -208,37 +213,6 @@ def run_epoch(session: Session, state: TrainingState, epoch: int, stop: StopRequ
                         f"{options.steps_per_epoch} to validate and checkpoint before the deadline")
             break
     return losses
-
-
-def note_step(session: Session, state: TrainingState, epoch: int, step_time: float) -> None:
-    """Count a step against the budget; after the calibration steps, plan the epochs that fit."""
-    budget = session.budget
-    budget.step_times.append(step_time)
-    budget.spent["steps"] += step_time
-    if len(budget.step_times) == CALIBRATION_STEPS + 1:
-        volumes = session.val_volumes
-        budget.validation_estimate = validation_estimate(
-            [tuple(v.image.shape[1:]) for v in volumes], [v.slices for v in volumes], session.options.spatial_dims,
-            session.options.batch_size, session.options.patch_size, budget.step_time())
-        plan_epochs(session, epoch, running=True)
-
-
-def plan_epochs(session: Session, epochs_done: int, running: bool = False) -> int:
-    """Fit the epochs to the time left (the same number on every rank; the running epoch counts as
-    one that fits, the out-of-time check cuts it short) and run the lr schedule to their end."""
-    options, budget = session.options, session.budget
-    planned = min(options.epochs, budget.epochs_that_fit(epochs_done, options.steps_per_epoch))
-    if session.world_size > 1:  # ranks time themselves; all follow the most cautious plan
-        agreed = torch.tensor([planned])
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        planned = int(agreed.item())
-    planned = max(planned, epochs_done + 1) if running else planned
-    if planned > epochs_done and planned != session.planned_epochs and session.is_writer:
-        session.run.say(f"time budget: {format_seconds(budget.left())} left at {budget.step_time() * 1000:.0f} "
-                        f"ms/step; planning {planned} epochs of {options.steps_per_epoch} steps in all")
-    session.planned_epochs = max(planned, epochs_done)
-    session.schedule.total_steps = session.planned_epochs * options.steps_per_epoch
-    return planned
 
 
 def train_step(session: Session, state: TrainingState, batch: tuple[Tensor, Tensor, Tensor], lr: float,
@@ -322,7 +296,7 @@ def end_epoch(session: Session, state: TrainingState, epoch: int, losses: list[f
     if state.stopped_early and session.is_writer:
         run.say(f"early stop: no gain in validation Dice for {options.patience} epochs")
     if budget is not None and not state.stopped_early and epoch + 1 < options.epochs \
-            and plan_epochs(session, epoch + 1) <= epoch + 1:
+            and plan_epochs(session, state, epoch + 1) <= epoch + 1:
         if session.is_writer:
             run.say(f"time budget: no further epoch fits in the {format_seconds(budget.left())} left")
         return True

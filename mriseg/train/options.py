@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 from torch import nn
 
 from mriseg import options as checks
@@ -83,6 +84,7 @@ class TrainOptions:
     time_limit: float | None = None              # seconds (CLI --time 15m); the epochs fit the budget
     size: tuple[int, ...] | None = None
     modalities: str | None = None
+    given: list[str] | None = None               # --time runs: the options given; the plan fills the rest
 
     def check(self) -> None:
         """Reject impossible combinations with one clear line each, before any data is touched."""
@@ -147,7 +149,9 @@ def fresh_options(model: str | None, settings: dict[str, Any], device_type: str)
         options.patience = 0         # the budget, not a plateau, ends the run (as nnU-Net: no early stop)
     if "spatial_dims" not in settings:
         options.spatial_dims = default_spatial_dims(options.model)
-    if device_type == "cpu" and options.model == "unet" and options.spatial_dims == 2:
+    if options.time_limit is not None:  # the plan (mriseg.train.plan) fills what was not given
+        options.given = sorted({*settings, *(["model"] if model is not None else [])})
+    elif device_type == "cpu" and options.model == "unet" and options.spatial_dims == 2:
         if "features" not in options.model_options:
             options.model_options = {**options.model_options, "features": CPU_RECIPE["features"]}
         options.batch_size = settings.get("batch_size", CPU_RECIPE["batch_size"])
@@ -156,19 +160,31 @@ def fresh_options(model: str | None, settings: dict[str, Any], device_type: str)
     return options
 
 
-def default_patch_size(model: nn.Module, volume_shape: Sequence[int], largest: int = 128) -> tuple[int, ...]:
-    """The largest 3D patch, at most the volume and ``largest`` along each axis, that ``model`` accepts.
+def default_patch_size(model: nn.Module, volumes: Sequence[Any], spatial_dims: int,
+                       largest: int = 128) -> tuple[int, ...] | None:
+    """The training window when ``--patch-size`` is not given.
 
-    Size rules hold axis by axis (a multiple of 16; tiny3d's depth 4k - 1), so each axis takes the
-    largest accepted size on its own. An axis where nothing fits (a volume smaller than the model's
-    minimum) keeps its capped size, and the model's own error names sizes that work.
+    2D: None (whole slices) when every slice has one size the model accepts; otherwise (a crop-only
+    cache at native resolution) the smallest accepted size covering the largest slice, so every
+    slice is padded to it, as inference pads a slice (nnU-Net and MONAI's ``DivisiblePad`` alike).
+    3D: the largest patch, at most the median volume and ``largest`` along each axis, that
+    ``model`` accepts; size rules hold axis by axis (a multiple of 16; tiny3d's depth 4k - 1). An
+    axis shorter than the smallest accepted size takes that size: the volume is padded to it.
     """
-    cap = tuple(min(int(s), largest) for s in volume_shape)
+    from mriseg.inference.windows import accepted_size
+
     axis_ok = getattr(getattr(model, "size_rule", None), "axis_ok", None)
+    if spatial_dims == 2:
+        shapes = {volume.in_plane_shape for volume in volumes}
+        if len(shapes) == 1 and (axis_ok is None or all(axis_ok(a, n) for a, n in enumerate(next(iter(shapes))))):
+            return None
+        return tuple(accepted_size(max(shape[axis] for shape in shapes), axis_ok, axis) for axis in range(2))
+    median = np.median([volume.label.shape for volume in volumes], axis=0)
+    cap = tuple(min(int(size), largest) for size in median)
     if axis_ok is None:
         return cap
-    return tuple(next((size for size in range(limit, 0, -1) if axis_ok(axis, size)), limit)
-                 for axis, limit in enumerate(cap))
+    return tuple(next((size for size in range(limit, 0, -1) if axis_ok(axis, size)), None)
+                 or accepted_size(limit, axis_ok, axis) for axis, limit in enumerate(cap))
 
 
 def default_spatial_dims(model: str) -> int:

@@ -41,6 +41,11 @@ class Volume:
     def slices(self) -> int:
         return self.label.shape[self.slice_axis]
 
+    @property
+    def in_plane_shape(self) -> tuple[int, ...]:
+        """The shape of one slice (what a 2D model sees)."""
+        return tuple(n for axis, n in enumerate(self.label.shape) if axis != self.slice_axis)
+
 
 def load_volumes(cache: Any, case_ids: list[str], spatial_dims: int, uniform_share: float,
                  border_weights: bool, ignore_index: int) -> list[Volume]:
@@ -81,9 +86,11 @@ class TrainingSamples(Dataset):
     """Sample ``i`` of epoch ``e``: a random slice (2D) or patch (3D) drawn with ``rng(seed, e, i)``.
 
     2D: a patient uniformly, then a slice with the volume's tumour-area weights (and ``context``
-    neighbouring slices on each side as extra channels, :mod:`mriseg.inference.context`).
+    neighbouring slices on each side as extra channels, :mod:`mriseg.inference.context`); with a
+    2D ``patch_size`` the slice is then cut to it as a 3D volume is (slices of any size batch).
     3D: a patient uniformly, then a ``patch_size`` patch centred on a tumour voxel with probability
-    ``foreground_share``, anywhere otherwise (volumes smaller than the patch are padded).
+    ``foreground_share``, anywhere otherwise (volumes or slices smaller than the patch are padded
+    with the normalised background, as inference pads them).
     Returns ``(image (C, *P) float32, label (*P) int64, weights (*P) float32 or empty)``.
     """
 
@@ -109,32 +116,43 @@ class TrainingSamples(Dataset):
             label = np.take(volume.label, position, axis=volume.slice_axis)
             weights = (np.take(volume.border_weights, position, axis=volume.slice_axis)
                        if volume.border_weights is not None else None)
+            if self.patch_size is not None:
+                image, label, weights = cut_patch(image, label, weights, self.patch_size, np.argwhere(label > 0),
+                                                  self.foreground_share, rng)
         else:
-            image, label, weights = self._patch(volume, rng)
+            image, label, weights = cut_patch(volume.image, volume.label, volume.border_weights,
+                                              self.patch_size, volume.foreground, self.foreground_share, rng)
         return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                 torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
                 torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)) if weights is not None
                 else torch.zeros(0))
 
-    def _patch(self, volume: Volume, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        shape = np.array(volume.label.shape)
-        patch = np.array(self.patch_size)
-        if len(volume.foreground) and rng.random() < self.foreground_share:
-            centre = volume.foreground[rng.integers(len(volume.foreground))]
-            start = np.clip(centre - patch // 2, 0, np.maximum(shape - patch, 0))
-        else:
-            start = np.array([rng.integers(max(size - p, 0) + 1) for size, p in zip(shape, patch)])
-        region = tuple(slice(int(s), int(s + p)) for s, p in zip(start, patch))
-        image = np.asarray(volume.image[(slice(None), *region)], dtype=np.float32)
-        label = np.asarray(volume.label[region])
-        weights = np.asarray(volume.border_weights[region]) if volume.border_weights is not None else None
-        missing = patch - np.array(label.shape)
-        if missing.any():  # volume smaller than the patch: pad with the normalised background, as inference does
-            pad = [(0, int(m)) for m in missing]
-            image = np.pad(image, [(0, 0), *pad], constant_values=PAD_VALUE)
-            label = np.pad(label, pad)
-            weights = np.pad(weights, pad, constant_values=1) if weights is not None else None
-        return image, label, weights
+
+def cut_patch(image: np.ndarray, label: np.ndarray, weights: np.ndarray | None, patch_size: tuple[int, ...],
+              foreground: np.ndarray, foreground_share: float, rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A ``patch_size`` window of ``image (C, *S)``, ``label (*S)`` and ``weights``: centred on a
+    random ``foreground`` index with probability ``foreground_share``, anywhere otherwise; axes
+    shorter than the patch are padded at the end (image with :data:`PAD_VALUE`, label with
+    background), so samples of any size stack into one batch."""
+    shape = np.array(label.shape)
+    patch = np.array(patch_size)
+    if len(foreground) and rng.random() < foreground_share:
+        centre = foreground[rng.integers(len(foreground))]
+        start = np.clip(centre - patch // 2, 0, np.maximum(shape - patch, 0))
+    else:
+        start = np.array([rng.integers(max(size - p, 0) + 1) for size, p in zip(shape, patch)])
+    region = tuple(slice(int(s), int(s + p)) for s, p in zip(start, patch))
+    image = np.asarray(image[(slice(None), *region)], dtype=np.float32)
+    label = np.asarray(label[region])
+    weights = np.asarray(weights[region]) if weights is not None else None
+    missing = patch - np.array(label.shape)
+    if missing.any():
+        pad = [(0, int(m)) for m in missing]
+        image = np.pad(image, [(0, 0), *pad], constant_values=PAD_VALUE)
+        label = np.pad(label, pad)
+        weights = np.pad(weights, pad, constant_values=1) if weights is not None else None
+    return image, label, weights
 
 
 class StepBatches(Sampler[list[int]]):

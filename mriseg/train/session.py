@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from mriseg import options as checks
 from mriseg.augment import AugmentConfig, parse_augment
 from mriseg.errors import BadInputError
 from mriseg.inference.context import context_channels, set_slice_context
@@ -21,9 +19,10 @@ from mriseg.labels import IGNORED, Task
 from mriseg.losses import build_loss
 from mriseg.train.options import TrainOptions, default_patch_size
 from mriseg.train.run_folder import RunFolder, open_training_data
-from mriseg.train.sampling import TrainingSamples, load_volumes, saved_split, split_cases
+from mriseg.train.sampling import TrainingSamples, Volume, load_volumes, saved_split, split_cases
 from mriseg.devices import Precision
 from mriseg.train.budget import Budget
+from mriseg.train.plan import Plan, plan_recipe, refuse_what_cannot_fit
 from mriseg.train.schedule import LearningRate, build_optimizer, precision
 from mriseg.train.validation import resolve_task
 
@@ -57,6 +56,7 @@ class Session:
     started: float = field(default_factory=time.monotonic)
     budget: Budget | None = None         # --time
     planned_epochs: int = 0              # with --time: the epochs the budget holds (re-planned each epoch)
+    plan: Plan | None = None             # the recipe a --time run chose for the options not given
 
     @property
     def is_writer(self) -> bool:
@@ -117,12 +117,16 @@ def set_up(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | 
                                  task.ignore_label if task.ignore_label is not None else options.ignore_index)
     val_volumes = load_volumes(cache, val_ids[rank::world_size], options.spatial_dims, options.uniform_share,
                                border, task.ignore_label if task.ignore_label is not None else options.ignore_index)
+    plan = None
+    if options.given is not None and not resume:
+        plan = plan_recipe(options, options.given, device, train_volumes, val_volumes,
+                           context_channels(len(cache.modalities), options.context), task.out_channels)
     if options.steps_per_epoch is None:
         samples = sum(v.slices for v in train_volumes) if options.spatial_dims == 2 else 8 * len(train_volumes)
         options.steps_per_epoch = max(1, math.ceil(samples / (options.batch_size * world_size)))
     chosen, autocast, scaler = precision(options, device)
     in_channels = context_channels(len(cache.modalities), options.context)  # 2.5D: neighbours as channels
-    raw_model = build_network(options, in_channels, task, spatial_shape, checkpoint, run.path, device)
+    raw_model = build_network(options, in_channels, task, train_volumes, checkpoint, run.path, device)
     chosen.apply(raw_model, options.spatial_dims)
     model: nn.Module = raw_model
     if world_size > 1:
@@ -141,7 +145,7 @@ def set_up(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | 
                    augment=parse_augment(options.augment),
                    dataset=TrainingSamples(train_volumes, options.spatial_dims, options.patch_size,
                                            options.foreground_share, options.seed, options.context),
-                   val_volumes=val_volumes, description=description,
+                   val_volumes=val_volumes, description=description, plan=plan,
                    workers=options.workers if options.workers is not None else (4 if device.type == "cuda" else 0))
 
 def refuse_nothing_to_learn(cache: Any, train_ids: list[str], task: Task) -> None:
@@ -153,19 +157,18 @@ def refuse_nothing_to_learn(cache: Any, train_ids: list[str], task: Task) -> Non
                                         "label is background): nothing to learn; check the masks or --label-map")
 
 
-def build_network(options: TrainOptions, in_channels: int, task: Task, spatial_shape: list[int],
+def build_network(options: TrainOptions, in_channels: int, task: Task, volumes: list[Volume],
                   checkpoint: dict | None, run_dir: Path, device: torch.device) -> nn.Module:
-    """The registry model (with the resumed weights), the default 3D patch, moved to the device."""
+    """The registry model (with the resumed weights), the default patch, moved to the device."""
     from mriseg.models import build_model
 
     network = build_model(options.model, in_channels, task.out_channels, spatial_dims=options.spatial_dims,
                           **options.model_options)
     set_slice_context(network, options.context)
-    if options.spatial_dims == 3 and options.patch_size is None:
-        options.patch_size = default_patch_size(network, spatial_shape)
-    window = options.patch_size or spatial_shape[-2:]
-    checks.require_memory(f"a batch of {options.batch_size} x {in_channels} x {'x'.join(map(str, window))}",
-                          4.0 * options.batch_size * in_channels * float(np.prod(window)))
+    if options.patch_size is None:
+        options.patch_size = default_patch_size(network, volumes, options.spatial_dims)
+    refuse_what_cannot_fit(network, options, in_channels, tuple(options.patch_size or volumes[0].in_plane_shape),
+                           device)
     if checkpoint is not None:
         for key, have, words in (("out_channels", task.out_channels, "output channels"),
                                  ("in_channels", in_channels, "input channels")):
@@ -186,7 +189,9 @@ def checkpoint_payload(session: Session, state: TrainingState, epoch: int, step_
                   "options": options.model_options},
         "state_dict": {k: v.detach().cpu() for k, v in session.raw_model.state_dict().items()},
         "preprocess": cache.manifest["params"], "modalities": cache.modalities, "task": session.task.to_dict(),
-        "label_info": cache.label_info, "patch_size": list(options.patch_size or []),
+        "label_info": cache.label_info,
+        # the 3D window inference slides; 2D models always predict whole slices
+        "patch_size": list(options.patch_size or []) if options.spatial_dims == 3 else [],
         "epoch": epoch, "best_score": state.best_score, "best_epoch": state.best_epoch,
         "time_spent": session.budget.used() if session.budget is not None else None,
     }
