@@ -16,8 +16,9 @@ Arms are ``NAME;TRAIN ARGS;PREPROCESS ARGS`` (the last two optional), or ``monai
     python benchmarks/quality.py --budget 5m --out /tmp/quality \\
         --arm "default" --arm "native;;--crop" --arm monai
 
-Prints one row per arm (mean over every held-out case, and per fold) and adds it to ``results.json``
-in ``--out``; folds run separately (``--folds 0,1``, then ``--folds 2,3,4``) join one row.
+Each mriseg fold is also scored with its masks kept to the largest tumour component and (``--no-tta``)
+predicted without flip TTA. Prints one row per arm (mean over every held-out case, and per fold) and
+adds it to ``results.json`` in ``--out``; folds run separately (``--folds 0,1``, then ``--folds 2,3,4``) join one row.
 """
 
 from __future__ import annotations
@@ -120,6 +121,11 @@ def score(prediction: Path, truth: Path, data: Path, log: Path, threads: int) ->
     evaluated = prediction.parent / (prediction.name + "-eval")
     run(mriseg("evaluate", str(prediction), str(truth), "--out", str(evaluated), "--regions", "brats",
                *modality_options(data), "--overwrite", "--json"), log, threads)
+    return read_scores(evaluated)
+
+
+def read_scores(evaluated: Path) -> dict[str, dict[str, float | None]]:
+    """Per case: WT / TC / ET Dice and HD95 from an evaluate folder's metrics.csv."""
     scores: dict[str, dict[str, float | None]] = {}
     for row in csv.DictReader((evaluated / "metrics.csv").open()):
         if row["region"] in REGIONS:
@@ -136,7 +142,10 @@ def run_fold(arm: Arm, fold: int, split: dict, args: argparse.Namespace, cache: 
     truth = args.out / "held-out" / f"fold_{fold}"
     prediction = folder / "pred"
     started = time.perf_counter()
-    if arm.is_peer:
+    finished = args.resume and (folder / "pred-eval" / "metrics.csv").is_file()  # by an earlier run
+    if finished:
+        trained, cases = None, read_scores(folder / "pred-eval")
+    elif arm.is_peer:
         run([sys.executable, str(REPO / "benchmarks" / "monai_peer.py"), "--train",
              *(str(args.data / c) for c in split["train"]), "--test", *(str(args.data / c) for c in split["val"]),
              "--budget", str(args.budget_seconds), "--out", str(prediction)], log, args.threads)
@@ -149,14 +158,41 @@ def run_fold(arm: Arm, fold: int, split: dict, args: argparse.Namespace, cache: 
         run(mriseg("predict", str(truth), "--model", str(folder / "run" / "last.pt"), "--out", str(prediction),
                    *modality_options(args.data, with_label=False), "--overwrite", *shlex.split(args.predict_args)),
             log, args.threads)
-    cases = score(prediction, truth, args.data, log, args.threads)
+    if not finished:
+        cases = score(prediction, truth, args.data, log, args.threads)
+    variants = {} if arm.is_peer else score_variants(folder, prediction, truth, args, log)
     summary = json.loads((folder / "run" / "summary.json").read_text()) if not arm.is_peer else {}
     print(f"{arm.name} fold {fold}: " + " ".join(f"{r} {np.mean([c[f'dice_{r}'] for c in cases.values()]):.4f}"
                                                  for r in REGIONS)
-          + f"  (trained in {trained:.0f} s{', ' + str(summary.get('steps')) + ' steps' if summary else ''})",
+          + (f"  (trained in {trained:.0f} s" if trained is not None else "  (an earlier run's fold")
+          + f"{', ' + str(summary.get('steps')) + ' steps' if summary else ''})",
           flush=True)
-    return {"fold": fold, "cases": cases, "train_seconds": round(trained, 1), "steps": summary.get("steps"),
-            "time_used_s": summary.get("time_used_s")}
+    return {"fold": fold, "cases": cases, "variants": variants,
+            "train_seconds": round(trained, 1) if trained is not None else None,
+            "steps": summary.get("steps"), "time_used_s": summary.get("time_used_s")}
+
+
+def score_variants(folder: Path, prediction: Path, truth: Path, args: argparse.Namespace, log: Path) -> dict:
+    """The same model's held-out cases kept to their largest tumour component (the saved masks
+    post-processed, as ``predict --largest-component`` does) and, with ``--no-tta``, predicted
+    without flips."""
+    from mriseg.inference import keep_largest_component
+    import nibabel as nib
+
+    largest = folder / "pred-largest"
+    largest.mkdir(exist_ok=True)
+    for mask in sorted(prediction.glob("*.nii.gz")):
+        image = nib.load(str(mask))
+        kept = keep_largest_component(np.asarray(image.dataobj))
+        nib.save(nib.Nifti1Image(kept, image.affine, image.header), str(largest / mask.name))
+    variants = {"largest_component": score(largest, truth, args.data, log, args.threads)}
+    if args.no_tta:
+        flipless = folder / "pred-no-tta"
+        run(mriseg("predict", str(truth), "--model", str(folder / "run" / "last.pt"), "--out", str(flipless),
+                   *modality_options(args.data, with_label=False), "--overwrite", "--no-tta",
+                   *shlex.split(args.predict_args)), log, args.threads)
+        variants["no_tta"] = score(flipless, truth, args.data, log, args.threads)
+    return variants
 
 
 def means(rows: list[dict]) -> dict[str, float]:
@@ -178,6 +214,9 @@ def record(path: Path, budget: str, arm: Arm, rows: list[dict], threads: int) ->
     result = {"train_args": arm.train_args, "preprocess_args": arm.preprocess_args, "threads": threads,
               "folds": merged, "mean": means(merged),
               "fold_means": {row["fold"]: means([row]) for row in merged}}
+    for variant in sorted({v for row in merged for v in row.get("variants", {})}):
+        if all(variant in row.get("variants", {}) for row in merged):
+            result[f"mean_{variant}"] = means([{"cases": row["variants"][variant]} for row in merged])
     everything[budget][arm.name] = result
     from mriseg.files import write_json_atomic  # the project's one atomic writer (REPO is on sys.path by now)
 
@@ -187,14 +226,17 @@ def record(path: Path, budget: str, arm: Arm, rows: list[dict], threads: int) ->
 
 def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
     print(f"\nbudget {args.budget} per fold, {args.parallel} jobs at a time, {args.threads} thread(s) each")
-    print("| arm | WT | TC | ET | HD95 WT / TC / ET (mm) | WT per fold | worst case WT |")
-    print("|---|---:|---:|---:|---|---|---:|")
+    print("| arm | WT | TC | ET | HD95 WT / TC / ET (mm) | WT per fold | worst case WT | WT / TC / ET, largest "
+          "component | WT / TC / ET, no flip TTA |")
+    print("|---|---:|---:|---:|---|---|---:|---|---|")
     for name, result in results.items():
         mean = result["mean"]
         per_fold = " / ".join(f"{result['fold_means'][row['fold']]['dice_WT']:.3f}" for row in result["folds"])
         worst = min(c["dice_WT"] for row in result["folds"] for c in row["cases"].values())
         print(f"| {name} | " + " | ".join(f"{mean[f'dice_{r}']:.3f}" for r in REGIONS) + " | "
-              + " / ".join(f"{mean[f'hd95_{r}']:.1f}" for r in REGIONS) + f" | {per_fold} | {worst:.3f} |")
+              + " / ".join(f"{mean[f'hd95_{r}']:.1f}" for r in REGIONS) + f" | {per_fold} | {worst:.3f} | "
+              + " | ".join(" / ".join(f"{result[key][f'dice_{r}']:.3f}" for r in REGIONS) if key in result else "-"
+                           for key in ("mean_largest_component", "mean_no_tta")) + " |")
 
 
 def main() -> None:
@@ -208,6 +250,9 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="jobs (arm x fold) run at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--predict-args", default="", help="extra options of mriseg predict")
+    parser.add_argument("--no-tta", action="store_true", help="also score mriseg's folds predicted without flips")
+    parser.add_argument("--resume", action="store_true",
+                        help="read the scores of folds an earlier run in --out finished instead of running them")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from mriseg.train.budget import parse_duration

@@ -192,3 +192,29 @@ def test_a_fold_folder_with_a_fold_missing_is_said(dataset, tmp_path, capsys):
     capsys.readouterr()
     assert len(load_model(tmp_path / "cv", "cpu").members) == 2
     assert "3-fold cross-validation with fold(s) [1] missing" in capsys.readouterr().err
+
+
+def test_folds_choose_post_processing_by_cross_validation_and_predict_follows(dataset, tmp_path):
+    from mriseg.inference import keep_largest_component
+    from mriseg.predict import PredictOptions
+    from mriseg.predict.run import predicted
+
+    raw, cache = dataset
+    summary = train(cache, out=tmp_path / "cv", folds=2, **TINY)
+    decision = json.loads((tmp_path / "cv" / "postprocessing.json").read_text())
+    assert decision == summary["postprocessing"]
+    assert decision["cases"] == len(json.loads((cache / "manifest.json").read_text())["cases"])
+    means = decision["mean_dice"]
+    assert decision["largest_component"] == (means["largest_component"] > means["as_predicted"])
+    case = read_case(list_cases(raw)[0])
+    plain = load_model(tmp_path / "cv", "cpu").predict(case, InferenceSettings(amp=False)).labels
+    for chosen in (True, False):
+        (tmp_path / "cv" / "postprocessing.json").write_text(json.dumps({**decision, "largest_component": chosen}))
+        assert load_model(tmp_path / "cv", "cpu").largest_component is chosen
+        for flag, expected in ((None, chosen), (True, True), (False, False)):  # a flag overrides the decision
+            loaded = load_model(tmp_path / "cv", "cpu")
+            labels = predicted(case, loaded, PredictOptions(device="cpu", amp=False, largest_component=flag)).labels
+            np.testing.assert_array_equal(labels, keep_largest_component(plain) if expected else plain)
+    (tmp_path / "cv" / "postprocessing.json").write_text('{"largest_component": "yes"}')
+    with pytest.raises(BadInputError, match="postprocessing.json.*true or false"):
+        load_model(tmp_path / "cv", "cpu")

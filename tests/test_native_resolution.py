@@ -40,3 +40,25 @@ def test_every_model_trains_and_predicts_on_a_crop_only_cache(native_cache, tmp_
     assert [r.error for r in results] == [None]
     written = nib.load(str(next((tmp_path / "pred").glob("*.nii.gz"))))
     assert written.shape == nib.load(str(next(case.glob("*_flair.nii.gz")))).shape
+
+
+def test_a_valid_convolution_unet_trains_on_native_slices_with_inference_padding(native_cache, tmp_path):
+    """The 2015 U-Net's output is 184 px smaller than its input: training windows cover the largest
+    slice plus that margin, padded half before the data as inference pads (tumour at the slice's
+    edge is learned, not cut off)."""
+    summary = train(native_cache / "cache", model="unet", out=tmp_path / "run", epochs=1, steps_per_epoch=1,
+                    batch_size=1, device="cpu", model_options={"features": 2, "variant": "original"}, amp=False)
+    assert summary["validated"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert all(n >= 30 + 184 for n in config["options"]["patch_size"])
+
+
+def test_the_front_pad_keeps_the_data_where_the_centred_output_sees_it():
+    from mriseg.train.sampling import cut_patch
+
+    label = np.arange(1, 26, dtype=np.uint8).reshape(5, 5)
+    image = label[None].astype(np.float32)
+    rng = np.random.default_rng(0)
+    _, cut, _ = cut_patch(image, label, None, (9, 9), np.zeros((0, 2), int), 0.0, rng, front=2)
+    np.testing.assert_array_equal(cut[2:7, 2:7], label)  # a 4-voxel margin: the output's 5x5 centre
+    assert cut[:2].sum() == 0 and cut[:, :2].sum() == 0

@@ -47,11 +47,27 @@ def test_a_step_that_cannot_fit_is_planned_down_or_refused(native, monkeypatch):
     assert training_step_bytes(network, 4, (32, 32, 32), 4) > 3 * one  # activations grow with the batch
     monkeypatch.setattr("mriseg.train.plan.free_memory", lambda device: int(1.5 * one / 0.8))
     plan = plan_training(str(native), "5m", model="unet3d", device="cpu", model_options={"features": 4},
-                         patch_size=(32, 32, 32))
+                         patch_size=(32, 32, 32), amp=False)
     assert plan.chosen["batch_size"] == 1  # 2 patches do not fit, one does
     with pytest.raises(MrisegError, match="would need about .* GiB.*--batch-size"):
         plan_training(str(native), "5m", model="unet3d", device="cpu", model_options={"features": 4},
-                      patch_size=(32, 32, 32), batch_size=2)
+                      patch_size=(32, 32, 32), batch_size=2, amp=False)
+    # without a given patch the plan halves the largest axis to a size the network takes
+    monkeypatch.setattr("mriseg.train.plan.free_memory", lambda device: int(0.6 * one / 0.8))
+    plan = plan_training(str(native), "5m", model="unet3d", device="cpu", model_options={"features": 4},
+                         amp=False, batch_size=1)
+    assert all(n % 8 == 0 for n in plan.chosen["patch_size"])  # unet3d takes multiples of 8
+
+
+def test_slices_past_128_are_cropped_on_a_cpu_to_a_size_the_network_takes(tmp_path):
+    write_synthetic(tmp_path / "raw", layout="brats", cases=3, seed=4, size=(24, 24, 6))
+    build_cache(tmp_path / "raw", tmp_path / "cache", PreprocessParams(size=(160, 144)))
+    plan = plan_training(str(tmp_path / "cache"), "5m", device="cpu")
+    assert plan.chosen["patch_size"] == (128, 128)  # a uniform cache of 160x144 slices, cut to crops
+    # the 2015 U-Net takes 124 + 16k >= 188 only: its crops are the smallest size it takes
+    valid = plan_training(str(tmp_path / "cache"), "5m", device="cpu", model_options={"features": 2,
+                                                                                       "variant": "original"})
+    assert valid.chosen["patch_size"] == (188, 188)
 
 
 def test_a_run_without_a_plan_that_cannot_fit_is_refused_before_its_first_step(native, tmp_path, monkeypatch):

@@ -57,9 +57,10 @@ def evaluate_command(
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
                                                  help="With --model: channels-last memory format (default: as "
                                                       "predict's).", rich_help_panel="With --model"),
-    largest_component: bool = typer.Option(False, "--largest-component",
-                                           help="With --model: keep only the largest tumour blob.",
-                                           rich_help_panel="With --model"),
+    largest_component: Optional[bool] = typer.Option(
+        None, "--largest-component/--no-largest-component",
+        help="With --model: keep only the largest tumour blob. (default: the folds' cross-validated choice)",
+        rich_help_panel="With --model"),
     interpolation: str = typer.Option("linear", "--interpolation",
                                       help="With --model: back to the source grid, linear or nearest.",
                                       rich_help_panel="With --model"),
@@ -75,7 +76,7 @@ def evaluate_command(
 
     with_model = {"--device": device != "auto", "--batch-size": batch_size != 8, "--tta/--no-tta": tta is not None,
                   "--amp/--no-amp": amp is not None, "--channels-last": channels_last is not None,
-                  "--largest-component": largest_component, "--interpolation": interpolation != "linear"}
+                  "--largest-component": largest_component is not None, "--interpolation": interpolation != "linear"}
     without_model = {"--strict": strict, "--workers": workers != 1}
     unused = [name for name, given in (without_model if model else with_model).items() if given]
     if unused:  # each would be accepted and do nothing

@@ -55,9 +55,10 @@ def predict(
     threshold: Optional[float] = typer.Option(None, help="Binary and region tasks: probability cut-off in (0, 1) "
                                               "(default: the checkpoint's, 0.5).",
                                     rich_help_panel="Post-processing"),
-    largest_component: bool = typer.Option(False, "--largest-component",
-                                           help="Keep only the largest connected tumour blob.",
-                                           rich_help_panel="Post-processing"),
+    largest_component: Optional[bool] = typer.Option(
+        None, "--largest-component/--no-largest-component",
+        help="Keep only the largest connected tumour blob. (default: what train --folds chose by "
+             "cross-validation for a folder of folds, else off)", rich_help_panel="Post-processing"),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write the soft maps.",
                                        rich_help_panel="Post-processing"),
     overlay: bool = typer.Option(False, "--overlay", help="PNG per tumour slice: prediction red, truth green.",

@@ -84,13 +84,14 @@ def train_command(
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch",
                                                   help="(default: 2D: training slices / batch; 3D: 8 patches per case)",
                                                   rich_help_panel="Data and sampling"),
-    patch_size: Optional[str] = typer.Option(None, "--patch-size", help="3D patch, e.g. 128,128,128.",
+    patch_size: Optional[str] = typer.Option(None, "--patch-size", help="Training window: 3D patch (e.g. 128,128,128) or 2D crop (e.g. 128,128). (default: 3D: the "
+                                                  "median volume up to 128; 2D: whole slices, padded to a size the network takes)",
                                              rich_help_panel="Data and sampling"),
     uniform_share: Optional[float] = typer.Option(None, "--uniform-share",
                                                   help="2D: share of slice draws made uniformly. (default: 0.1)",
                                                   rich_help_panel="Data and sampling"),
     foreground_share: Optional[float] = typer.Option(None, "--foreground-share",
-                                                     help="3D: share of patches centred on tumour. (default: 0.33)",
+                                                     help="Share of 3D patches / 2D crops centred on tumour. (default: 0.33)",
                                                      rich_help_panel="Data and sampling"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw or sgd. (default: adam)",
                                             rich_help_panel="Optimisation"),
@@ -183,14 +184,18 @@ def plan_command(
     dims: Optional[int] = typer.Option(None, "--dims", help="2 or 3, taken as given."),
     model_options: Optional[str] = typer.Option(None, "--model-options", help="e.g. features=32, taken as given."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Taken as given."),
+    context: Optional[int] = typer.Option(None, "--context", help="2.5D neighbouring slices, taken as given."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="As train's. (default: 0.2)"),
     patch_size: Optional[str] = typer.Option(None, "--patch-size", help="Training window, taken as given."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. (default: auto)"),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
 ) -> None:
-    """Print the recipe mriseg train DATA --time T would choose, and why, without training."""
+    """Print the recipe mriseg train DATA --time T would choose, and why, without training (with
+    --folds K each fold plans for its share of T: pass that share)."""
     from mriseg.train import plan_training
 
     settings = {"spatial_dims": dims, "model_options": _model_options(model_options), "batch_size": batch_size,
+                "context": context, "val_fraction": val_fraction,
                 "patch_size": parse_numbers(patch_size, "--patch-size"), "device": device}
     plan = plan_training(data, time_limit, model=model,
                          **{key: value for key, value in settings.items() if value is not None and value != {}})

@@ -69,7 +69,7 @@ def scheme_from_task(task: Task) -> tuple[Region, ...] | None:
 
 def evaluate_model(model: Path | Sequence[Path], data: Path, out: Path, regions: str = "auto", empty: str = "score",
                    overwrite: bool = False, modalities: str | None = None, device: str = "auto",
-                   batch_size: int = 8, tta: bool | None = None, largest_component: bool = False,
+                   batch_size: int = 8, tta: bool | None = None, largest_component: bool | None = None,
                    interpolation: str = "linear", amp: bool | None = None,
                    channels_last: bool | None = None) -> EvaluationResult:
     """Predict every labelled case of ``data`` with ``model`` in memory and score it; nothing but the
@@ -108,7 +108,7 @@ def evaluate_model(model: Path | Sequence[Path], data: Path, out: Path, regions:
         for ref in labelled:
             case = read_case(ref)
             labels = loaded.predict(case, settings).labels
-            if largest_component:
+            if largest_component if largest_component is not None else loaded.largest_component:
                 labels = keep_largest_component(labels)
             # NIfTI carries its voxel size; TIF/PNG slices do not (the reader assumes 1 mm).
             known = case.affine is not None

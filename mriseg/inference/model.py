@@ -44,6 +44,7 @@ class LoadedModel:
     device: torch.device
     others: tuple["LoadedModel", ...] = ()
     unnamed_channels_said: bool = False     # the channel-order assumption is said once per model
+    largest_component: bool = False         # a folder of folds: the post-processing its CV chose
 
     @property
     def members(self) -> list["LoadedModel"]:
@@ -213,7 +214,33 @@ def load_model(model: str | Path | Sequence[str | Path] | None, device: str = "a
     if len(loaded) > 1:
         check_ensemble(loaded)
         info(f"ensemble of {len(loaded)} models: {', '.join(str(m.path) for m in loaded)}")
-    return replace(loaded[0], others=tuple(loaded[1:]))
+    return replace(loaded[0], others=tuple(loaded[1:]), largest_component=chosen_postprocessing(model))
+
+
+POSTPROCESSING_FILE = "postprocessing.json"
+"""Written by ``train --folds K`` beside the folds: whether keeping the largest tumour component
+raised the cross-validated Dice (:mod:`mriseg.train.postprocess`)."""
+
+
+def chosen_postprocessing(model: str | Path | Sequence[str | Path] | None) -> bool:
+    """Whether a folder of folds' cross-validation chose to keep the largest component (said once)."""
+    if isinstance(model, Sequence) and not isinstance(model, str) and len(model) == 1:
+        model = model[0]
+    if model is None:  # runs/latest (or $MRISEG_MODEL) may be a folder of folds
+        model = Path(os.environ.get("MRISEG_MODEL") or DEFAULT_RUN)
+    if not isinstance(model, (str, Path)) or not (Path(model) / POSTPROCESSING_FILE).is_file():
+        return False
+    path = Path(model) / POSTPROCESSING_FILE
+    try:
+        keep = json.loads(path.read_text())["largest_component"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BadInputError(path, f"not a post-processing decision with a largest_component field ({error})") from None
+    if not isinstance(keep, bool):
+        raise BadInputError(path, f"largest_component must be true or false, got {keep!r}")
+    if keep:
+        info(f"post-processing: keeping the largest tumour component, as the cross-validation chose ({path}; "
+             "--no-largest-component to skip)")
+    return keep
 
 
 def check_ensemble(models: list[LoadedModel]) -> None:

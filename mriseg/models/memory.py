@@ -18,9 +18,10 @@ ACTIVATION_FACTOR = 2.0
 PARAMETER_COPIES = 4  # weights, gradients, Adam's first and second moments
 
 
-def training_step_bytes(network: nn.Module, in_channels: int, window: Sequence[int], batch_size: int) -> int:
-    """Bytes one float32 training step of ``network`` on a ``(batch_size, in_channels, *window)`` batch
-    needs (an upper estimate; autocast to 16 bits needs less)."""
+def training_step_bytes(network: nn.Module, in_channels: int, window: Sequence[int], batch_size: int,
+                        activation_bytes: int = 4) -> int:
+    """Bytes one training step of ``network`` on a ``(batch_size, in_channels, *window)`` batch needs
+    (an upper estimate), with activations of ``activation_bytes`` (4: float32, 2: 16-bit autocast)."""
     meta = copy.deepcopy(network).to("meta")
     kept = 0
 
@@ -28,7 +29,7 @@ def training_step_bytes(network: nn.Module, in_channels: int, window: Sequence[i
         nonlocal kept
         for tensor in output if isinstance(output, (list, tuple)) else [output]:
             if isinstance(tensor, torch.Tensor):
-                kept += tensor.numel() * 4
+                kept += tensor.numel() * activation_bytes
 
     leaves = [module for module in meta.modules() if not list(module.children())]
     hooks = [module.register_forward_hook(count) for module in leaves]

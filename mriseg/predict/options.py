@@ -36,7 +36,7 @@ class PredictOptions:
     channels_last: bool | None = None
     device: str = "auto"
     threshold: float | None = None               # None: the checkpoint's
-    largest_component: bool = False
+    largest_component: bool | None = None        # None: the folds' cross-validated choice (else off)
     probabilities: bool = False
     overlay: bool = False
     overlay_modality: str | None = None

@@ -206,7 +206,7 @@ def predict_case(case: Case, loaded: LoadedModel, options: PredictOptions,
 def predicted(case: Case, loaded: LoadedModel, options: PredictOptions):
     """The engine's prediction of ``case`` with ``--threshold`` and ``--largest-component`` applied."""
     prediction = loaded.predict(case, options.inference(), threshold=options.threshold)
-    if options.largest_component:
+    if options.largest_component if options.largest_component is not None else loaded.largest_component:
         prediction.labels = keep_largest_component(prediction.labels)
     return prediction
 

@@ -197,6 +197,7 @@ def plan_epochs(session: Session, state: TrainingState, epochs_done: int, runnin
     epochs, steps = budget.plan(done_in_epoch, options.steps_per_epoch)
     planned = torch.tensor([min(options.epochs, epochs_done + epochs), state.global_step + steps])
     if session.world_size > 1:  # ranks time themselves; all follow the most cautious plan
+        planned = planned.to(session.device)  # NCCL reduces GPU tensors only
         dist.all_reduce(planned, op=dist.ReduceOp.MIN)
     epochs, total_steps = int(planned[0].item()), int(planned[1].item())
     epochs = max(epochs, epochs_done + 1) if running else epochs

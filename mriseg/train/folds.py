@@ -18,6 +18,7 @@ from mriseg.checkpoint import fold_folder, fold_folders
 from mriseg.errors import BadInputError, MrisegError
 from mriseg.files import write_json_atomic
 from mriseg.log import info
+from mriseg.train.postprocess import decide_postprocessing
 from mriseg.train.run_folder import point_latest_at, read_run_config, resolve_run_dir
 
 def folds_folder(out: str | Path | None, model: str, resume: bool) -> Path:
@@ -85,6 +86,8 @@ def train_all_folds(single_run: Callable[..., dict[str, Any]], count: int, data:
     scores = [s["best_val_dice_mean"] for s in summaries if s.get("best_val_dice_mean") is not None]
     summary = {"folds": count, "runs": summaries, "mean_best_val_dice": sum(scores) / len(scores) if scores else None,
                "seconds": round(time.monotonic() - started, 1)}
+    write_json_atomic(out / "summary.json", summary)  # before the decision, which may fail
+    summary["postprocessing"] = decide_postprocessing(out, count, settings.get("device", "auto"))
     write_json_atomic(out / "summary.json", summary)
     info(f"cross-validation done: {count} folds in {out}; mean best val Dice "
          + (f"{summary['mean_best_val_dice']:.4f}" if scores else "n/a"))

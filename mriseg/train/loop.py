@@ -30,6 +30,7 @@ from mriseg.inference.context import context_channels
 from mriseg.losses import deep_supervision_loss
 from mriseg.train.budget import budget_for_run, format_seconds, note_step, parse_duration, plan_epochs
 from mriseg.train.folds import fold_count, folds_folder, train_all_folds
+from mriseg.train.postprocess import forget_postprocessing
 from mriseg.train.options import TrainOptions, fresh_options
 from mriseg.train.run_folder import (RunFolder, library_versions, point_latest_at, prepare_run_dir, resolve_run_dir,
                                      resumed_options)
@@ -64,8 +65,8 @@ def train(data: str | Path | None = None, model: str | None = None, out: str | P
         if "fold" not in settings:
             return train_all_folds(train, count, data, model, base, resume, overwrite, settings)
         out = fold_folder(base, settings["fold"])
-    # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        forget_postprocessing(base)  # a fold that trains changes the folds: their earlier decision no longer holds
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets WORLD_SIZE / RANK / LOCAL_RANK
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else None
     run_dir = resolve_run_dir(out, model or "unet", resume, overwrite)
@@ -251,7 +252,7 @@ def train_step(session: Session, state: TrainingState, batch: tuple[Tensor, Tens
         raise MrisegError(f"{device} ran out of memory at batch size {options.batch_size}{patch}; "
                           "try a smaller --batch-size or --patch-size (or --amp)") from error
     # one number per step, averaged over ranks; the stop and out-of-time flags travel with it
-    reduced = torch.tensor([loss.item(), float(stop_requested), float(out_of_time)])
+    reduced = torch.tensor([loss.item(), float(stop_requested), float(out_of_time)], device=device)  # NCCL: on GPU
     if session.world_size > 1:
         dist.all_reduce(reduced)
         reduced[0] /= session.world_size

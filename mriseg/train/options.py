@@ -165,8 +165,9 @@ def default_patch_size(model: nn.Module, volumes: Sequence[Any], spatial_dims: i
     """The training window when ``--patch-size`` is not given.
 
     2D: None (whole slices) when every slice has one size the model accepts; otherwise (a crop-only
-    cache at native resolution) the smallest accepted size covering the largest slice, so every
-    slice is padded to it, as inference pads a slice (nnU-Net and MONAI's ``DivisiblePad`` alike).
+    cache at native resolution) the smallest accepted size covering the largest slice (and a
+    valid-convolution network's output margin), so every slice is padded to it, as inference pads a
+    slice (nnU-Net and MONAI's ``DivisiblePad`` alike).
     3D: the largest patch, at most the median volume and ``largest`` along each axis, that
     ``model`` accepts; size rules hold axis by axis (a multiple of 16; tiny3d's depth 4k - 1). An
     axis shorter than the smallest accepted size takes that size: the volume is padded to it.
@@ -174,11 +175,12 @@ def default_patch_size(model: nn.Module, volumes: Sequence[Any], spatial_dims: i
     from mriseg.inference.windows import accepted_size
 
     axis_ok = getattr(getattr(model, "size_rule", None), "axis_ok", None)
+    margin = int(getattr(model, "output_margin", 0))  # valid convolutions: the input is this much larger
     if spatial_dims == 2:
         shapes = {volume.in_plane_shape for volume in volumes}
         if len(shapes) == 1 and (axis_ok is None or all(axis_ok(a, n) for a, n in enumerate(next(iter(shapes))))):
             return None
-        return tuple(accepted_size(max(shape[axis] for shape in shapes), axis_ok, axis) for axis in range(2))
+        return tuple(accepted_size(max(shape[axis] for shape in shapes) + margin, axis_ok, axis) for axis in range(2))
     median = np.median([volume.label.shape for volume in volumes], axis=0)
     cap = tuple(min(int(size), largest) for size in median)
     if axis_ok is None:

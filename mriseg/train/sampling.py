@@ -90,13 +90,14 @@ class TrainingSamples(Dataset):
     2D ``patch_size`` the slice is then cut to it as a 3D volume is (slices of any size batch).
     3D: a patient uniformly, then a ``patch_size`` patch centred on a tumour voxel with probability
     ``foreground_share``, anywhere otherwise (volumes or slices smaller than the patch are padded
-    with the normalised background, as inference pads them).
+    at the end with the normalised background, the value inference pads with).
     Returns ``(image (C, *P) float32, label (*P) int64, weights (*P) float32 or empty)``.
     """
 
     def __init__(self, volumes: list[Volume], spatial_dims: int, patch_size: tuple[int, ...] | None,
-                 foreground_share: float, seed: int, context: int = 0):
+                 foreground_share: float, seed: int, context: int = 0, front: int = 0):
         self.volumes = volumes
+        self.front = front  # valid convolutions: half the output margin, padded before the data
         self.context = context
         self.spatial_dims = spatial_dims
         self.patch_size = patch_size
@@ -118,10 +119,11 @@ class TrainingSamples(Dataset):
                        if volume.border_weights is not None else None)
             if self.patch_size is not None:
                 image, label, weights = cut_patch(image, label, weights, self.patch_size, np.argwhere(label > 0),
-                                                  self.foreground_share, rng)
+                                                  self.foreground_share, rng, self.front)
         else:
             image, label, weights = cut_patch(volume.image, volume.label, volume.border_weights,
-                                              self.patch_size, volume.foreground, self.foreground_share, rng)
+                                              self.patch_size, volume.foreground, self.foreground_share, rng,
+                                              self.front)
         return (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
                 torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
                 torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)) if weights is not None
@@ -129,12 +131,20 @@ class TrainingSamples(Dataset):
 
 
 def cut_patch(image: np.ndarray, label: np.ndarray, weights: np.ndarray | None, patch_size: tuple[int, ...],
-              foreground: np.ndarray, foreground_share: float, rng: np.random.Generator
+              foreground: np.ndarray, foreground_share: float, rng: np.random.Generator, front: int = 0
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A ``patch_size`` window of ``image (C, *S)``, ``label (*S)`` and ``weights``: centred on a
     random ``foreground`` index with probability ``foreground_share``, anywhere otherwise; axes
     shorter than the patch are padded at the end (image with :data:`PAD_VALUE`, label with
-    background), so samples of any size stack into one batch."""
+    background), so samples of any size stack into one batch. ``front`` pads every axis before the
+    data first (half a valid-convolution network's output margin, as inference pads): the network's
+    smaller, centred output then covers the data's first voxels too."""
+    if front:
+        pad = [(front, 0)] * label.ndim
+        image = np.pad(np.asarray(image, dtype=np.float32), [(0, 0), *pad], constant_values=PAD_VALUE)
+        label = np.pad(np.asarray(label), pad)
+        weights = np.pad(np.asarray(weights), pad, constant_values=1) if weights is not None else None
+        foreground = foreground + front if len(foreground) else foreground
     shape = np.array(label.shape)
     patch = np.array(patch_size)
     if len(foreground) and rng.random() < foreground_share:

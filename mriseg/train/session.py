@@ -22,7 +22,7 @@ from mriseg.train.run_folder import RunFolder, open_training_data
 from mriseg.train.sampling import TrainingSamples, Volume, load_volumes, saved_split, split_cases
 from mriseg.devices import Precision
 from mriseg.train.budget import Budget
-from mriseg.train.plan import Plan, plan_recipe, refuse_what_cannot_fit
+from mriseg.train.plan import Plan, plan_for_ranks, refuse_what_cannot_fit
 from mriseg.train.schedule import LearningRate, build_optimizer, precision
 from mriseg.train.validation import resolve_task
 
@@ -119,8 +119,9 @@ def set_up(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | 
                                border, task.ignore_label if task.ignore_label is not None else options.ignore_index)
     plan = None
     if options.given is not None and not resume:
-        plan = plan_recipe(options, options.given, device, train_volumes, val_volumes,
-                           context_channels(len(cache.modalities), options.context), task.out_channels)
+        plan = plan_for_ranks(options, device, train_volumes, val_volumes,
+                              context_channels(len(cache.modalities), options.context), task.out_channels, rank,
+                              world_size)
     if options.steps_per_epoch is None:
         samples = sum(v.slices for v in train_volumes) if options.spatial_dims == 2 else 8 * len(train_volumes)
         options.steps_per_epoch = max(1, math.ceil(samples / (options.batch_size * world_size)))
@@ -144,7 +145,8 @@ def set_up(data: Any, run: RunFolder, options: TrainOptions, checkpoint: dict | 
                    loss_fn=build_loss(options.loss, task.activation, IGNORED, options.bce_weight),
                    augment=parse_augment(options.augment),
                    dataset=TrainingSamples(train_volumes, options.spatial_dims, options.patch_size,
-                                           options.foreground_share, options.seed, options.context),
+                                           options.foreground_share, options.seed, options.context,
+                                           int(getattr(raw_model, "output_margin", 0)) // 2),
                    val_volumes=val_volumes, description=description, plan=plan,
                    workers=options.workers if options.workers is not None else (4 if device.type == "cuda" else 0))
 
