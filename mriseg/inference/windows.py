@@ -117,6 +117,14 @@ def accepted_size(size: int, axis_ok: Callable[[int, int], bool] | None, axis: i
     raise ValueError(f"no accepted size at or above {size} on axis {axis}")
 
 
+def accepted_at_most(limit: int, axis_ok: Callable[[int, int], bool] | None, axis: int) -> int:
+    """The largest size at most ``limit`` a network takes on ``axis`` (a multiple of 32 without a
+    rule), else the smallest it takes above."""
+    if axis_ok is None:
+        return max(DEFAULT_MULTIPLE, limit // DEFAULT_MULTIPLE * DEFAULT_MULTIPLE)
+    return next((n for n in range(limit, 0, -1) if axis_ok(axis, n)), None) or accepted_size(limit, axis_ok, axis)
+
+
 def slicewise(predictor: Predictor, image: torch.Tensor, slice_axis: int | None, batch_size: int = 16,
               axis_ok: Callable[[int, int], bool] | None = None, margin: int = 0) -> torch.Tensor:
     """Logits ``(K, *S)`` of a 2D network run over every slice of a volume (or once on a 2D image).

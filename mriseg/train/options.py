@@ -172,7 +172,7 @@ def default_patch_size(model: nn.Module, volumes: Sequence[Any], spatial_dims: i
     ``model`` accepts; size rules hold axis by axis (a multiple of 16; tiny3d's depth 4k - 1). An
     axis shorter than the smallest accepted size takes that size: the volume is padded to it.
     """
-    from mriseg.inference.windows import accepted_size
+    from mriseg.inference.windows import accepted_at_most, accepted_size
 
     axis_ok = getattr(getattr(model, "size_rule", None), "axis_ok", None)
     margin = int(getattr(model, "output_margin", 0))  # valid convolutions: the input is this much larger
@@ -185,8 +185,7 @@ def default_patch_size(model: nn.Module, volumes: Sequence[Any], spatial_dims: i
     cap = tuple(min(int(size), largest) for size in median)
     if axis_ok is None:
         return cap
-    return tuple(next((size for size in range(limit, 0, -1) if axis_ok(axis, size)), None)
-                 or accepted_size(limit, axis_ok, axis) for axis, limit in enumerate(cap))
+    return tuple(accepted_at_most(limit, axis_ok, axis) for axis, limit in enumerate(cap))
 
 
 def default_spatial_dims(model: str) -> int:

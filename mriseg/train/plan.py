@@ -30,6 +30,7 @@ from torch import nn
 
 from mriseg.devices import choose_precision
 from mriseg.errors import MrisegError
+from mriseg.inference.windows import accepted_at_most
 from mriseg.models import build_model
 from mriseg.models.memory import training_step_bytes
 from mriseg.options import available_memory
@@ -139,15 +140,6 @@ def plan_window(plan: Plan, options: TrainOptions, network: nn.Module, volumes: 
     plan.choose(options, "patch_size", capped, why, given)
 
 
-def accepted_at_most(limit: int, axis_ok: Any, axis: int) -> int:
-    """The largest size at most ``limit`` the network takes on ``axis`` (else the smallest above)."""
-    from mriseg.inference.windows import accepted_size
-
-    if axis_ok is None:
-        return max(32, limit // 32 * 32)
-    return next((n for n in range(limit, 0, -1) if axis_ok(axis, n)), None) or accepted_size(limit, axis_ok, axis)
-
-
 def step_bytes(network: nn.Module, options: TrainOptions, in_channels: int, window: Sequence[int],
                device: torch.device) -> int | None:
     """:func:`~mriseg.models.memory.training_step_bytes`, or None where the network cannot run on the
@@ -186,10 +178,7 @@ def fit_memory(plan: Plan, options: TrainOptions, network: nn.Module, in_channel
                            for axis, n in enumerate(window))
             options.patch_size = plan.chosen["patch_size"] = window
         else:
-            raise MrisegError(f"a training step of {options.model} ({options.spatial_dims}D, batch "
-                              f"{options.batch_size} of {show(window)}) would need about {needed / 2**30:.1f} GiB; "
-                              f"{free / 2**30:.1f} GiB of {device.type} memory is free: give a smaller "
-                              "--batch-size or --patch-size")
+            raise memory_error(options, window, needed, free, device, "")
         needed = step_bytes(network, options, in_channels, window, device)
     plan.measured.update(step_memory_bytes=needed, free_memory_bytes=free)
     plan.reasons.append((f"memory: a step needs about {needed / 2**20:.0f} MiB" if needed is not None
@@ -204,10 +193,15 @@ def refuse_what_cannot_fit(network: nn.Module, options: TrainOptions, in_channel
     free = free_memory(device)
     needed = step_bytes(network, options, in_channels, window, device)
     if free is not None and needed is not None and needed > free:
-        raise MrisegError(f"a training step of {options.model} ({options.spatial_dims}D, batch {options.batch_size} "
-                          f"of {show(window)}) would need about {needed / 2**30:.1f} GiB; {free / 2**30:.1f} GiB of "
-                          f"{device.type} memory is free: give a smaller --batch-size or --patch-size (or --time T "
-                          "alone, which plans a run that fits)")
+        raise memory_error(options, window, needed, free, device, " (or --time T alone, which plans a run that fits)")
+
+
+def memory_error(options: TrainOptions, window: Sequence[int], needed: int, free: int, device: torch.device,
+                 hint: str) -> MrisegError:
+    """The one line for a training step that does not fit into the free memory."""
+    return MrisegError(f"a training step of {options.model} ({options.spatial_dims}D, batch {options.batch_size} of "
+                       f"{show(window)}) would need about {needed / 2**30:.1f} GiB; {free / 2**30:.1f} GiB of "
+                       f"{device.type} memory is free: give a smaller --batch-size or --patch-size{hint}")
 
 
 def measure_step(network: nn.Module, options: TrainOptions, in_channels: int, out_channels: int,
